@@ -1,0 +1,124 @@
+"""`llama-vision`: describe an image, chat about it, serve the app, regenerate inputs, benchmark, fit."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+class CliError(Exception):
+    """A user mistake reported as one line on stderr with exit code 2."""
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: $LLAMA_VISION_MODEL or the 11B 4-bit model)")
+    parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"])
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument("--temperature", type=float, default=1.5)
+    parser.add_argument("--min-p", type=float, default=0.1)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature and min-p)")
+    parser.add_argument("--seed", type=int, default=None, help="make a sampled answer reproducible")
+
+
+def sampling_settings(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "min_p": args.min_p,
+        "do_sample": not args.greedy,
+        "seed": args.seed,
+    }
+
+
+def _load(args: argparse.Namespace):
+    from .model import load_model
+
+    return load_model(args.model, backend=args.backend)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from .generation import DEFAULT_INSTRUCTION, describe_image
+    from .images import load_image
+
+    image = load_image(args.image)  # check the input before spending time on the model
+    vlm = _load(args)
+    describe_image(vlm, image, args.instruction or DEFAULT_INSTRUCTION, stream=True, **sampling_settings(args))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, read_line: Callable[[str], str] = input) -> int:
+    from .generation import Chat, ChatError
+
+    from .images import load_image
+
+    image = load_image(args.image)
+    vlm = _load(args)
+    chat = Chat(vlm, image, stream=True, **sampling_settings(args))
+    print("Ask about the image; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
+    while True:
+        try:
+            question = read_line("you> ").strip()
+        except EOFError:
+            break
+        if question.lower() in ("", "exit", "quit"):
+            break
+        print("model> ", end="", flush=True)
+        try:
+            chat.ask(question)
+        except ChatError as err:
+            print(f"error: {err}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llama-vision", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    describe = sub.add_parser("describe", help="stream a description of (or an answer about) an image")
+    describe.add_argument("image", help="path or http(s) URL of the image")
+    describe.add_argument("instruction", nargs="?", default=None, help="what to ask (default: describe it)")
+    add_model_options(describe)
+    add_sampling_options(describe)
+    describe.set_defaults(handler=cmd_describe)
+
+    chat = sub.add_parser("chat", help="a multi-turn chat about one image")
+    chat.add_argument("image")
+    add_model_options(chat)
+    add_sampling_options(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Subcommands living in other modules add themselves here (kept out of import time for a fast --help).
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `llama-vision`; returns the exit code."""
+    from .generation import ChatError
+    from .images import ImageLoadError
+    from .model import ModelLoadError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (CliError, ImageLoadError, ModelLoadError, ChatError, ValueError, FileNotFoundError) as err:
+        print(f"llama-vision: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Prompting and generation: `describe_image` for one question, `Chat` for a multi-turn conversation.
+
+This module knows nothing about how the model was loaded; it only needs a `VisionModel`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Union
+
+from .images import ImageSource, load_image
+from .model import VisionModel
+
+DEFAULT_INSTRUCTION = "Describe the image accurately."
+# The reference walk-through's sampling settings.
+DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": 1024, "temperature": 1.5, "min_p": 0.1, "do_sample": True}
+
+# Emitted by transformers' own Mllama vision encoder on every call; nothing a user can act on.
+warnings.filterwarnings("ignore", message="`hidden_state` is deprecated", category=FutureWarning)
+
+StreamTarget = Union[bool, Callable[[str], Any], Any]  # True/False, a chunk callback, or a transformers streamer
+
+
+class ChatError(ValueError):
+    """A conversation the model was not trained for (two images, or an image with a system message)."""
+
+
+def user_message(text: str, with_image: bool) -> dict:
+    """One user turn in the processor's message format; the image placeholder comes before the text."""
+    content: list[dict] = [{"type": "image"}] if with_image else []
+    content.append({"type": "text", "text": text})
+    return {"role": "user", "content": content}
+
+
+def assistant_message(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def render_prompt(processor: Any, messages: list[dict]) -> str:
+    """The chat-templated prompt text, ending with the assistant header."""
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def prepare_inputs(vlm: VisionModel, messages: list[dict], image: Any = None):
+    """Tokenize the templated prompt and preprocess the image, on the model's device.
+
+    The template already starts with `<|begin_of_text|>`, so the tokenizer must not add another.
+    """
+    prompt = render_prompt(vlm.processor, messages)
+    inputs = vlm.processor(
+        images=[image] if image is not None else None,
+        text=prompt,
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+    return inputs.to(vlm.device)
+
+
+def _tokenizer(processor: Any):
+    return getattr(processor, "tokenizer", processor)
+
+
+def make_streamer(processor: Any, on_text: Callable[[str], Any] | None = None, echo: bool = True):
+    """A `TextStreamer` that prints (when `echo`) and also keeps every chunk it emits."""
+    from transformers import TextStreamer
+
+    class CollectingStreamer(TextStreamer):
+        def __init__(self) -> None:
+            super().__init__(_tokenizer(processor), skip_prompt=True, skip_special_tokens=True)
+            self.chunks: list[str] = []
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            self.chunks.append(text)
+            if on_text is not None and text:
+                on_text(text)
+            if echo:
+                super().on_finalized_text(text, stream_end=stream_end)
+
+        @property
+        def text(self) -> str:
+            return "".join(self.chunks)
+
+    return CollectingStreamer()
+
+
+def sampling_kwargs(
+    *, max_new_tokens: int, temperature: float, min_p: float, do_sample: bool, num_samples: int
+) -> dict[str, Any]:
+    """Arguments for `generate`; greedy decoding leaves the sampling knobs out."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True, "do_sample": do_sample}
+    if do_sample:
+        if temperature <= 0:
+            raise ValueError("temperature must be positive when sampling; use do_sample=False for greedy decoding.")
+        kwargs.update(temperature=temperature, min_p=min_p, num_return_sequences=num_samples)
+    elif num_samples > 1:
+        raise ValueError("Greedy decoding gives the same answer every time: use do_sample=True for num_samples > 1.")
+    return kwargs
+
+
+def generate_answers(
+    vlm: VisionModel,
+    inputs: Any,
+    *,
+    stream: StreamTarget = False,
+    seed: int | None = None,
+    num_samples: int = 1,
+    max_new_tokens: int = DEFAULT_SETTINGS["max_new_tokens"],
+    temperature: float = DEFAULT_SETTINGS["temperature"],
+    min_p: float = DEFAULT_SETTINGS["min_p"],
+    do_sample: bool = DEFAULT_SETTINGS["do_sample"],
+    **generate_kwargs: Any,
+) -> list[str]:
+    """Run one `generate` call over prepared inputs and return the decoded answers (prompt excluded).
+
+    `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
+    used as given; only a single answer streams. Extra keyword arguments go to `generate`.
+    """
+    import torch
+    from transformers import set_seed
+    from transformers.generation.streamers import BaseStreamer
+
+    kwargs = sampling_kwargs(
+        max_new_tokens=max_new_tokens, temperature=temperature, min_p=min_p, do_sample=do_sample,
+        num_samples=num_samples,
+    )
+    kwargs.update(generate_kwargs)
+    collecting = None
+    if num_samples == 1 and stream is not False and stream is not None:
+        if isinstance(stream, BaseStreamer):
+            kwargs["streamer"] = stream
+        else:
+            collecting = make_streamer(vlm.processor, on_text=stream if callable(stream) else None,
+                                       echo=stream is True)
+            kwargs["streamer"] = collecting
+    if seed is not None:
+        set_seed(seed)
+    with torch.inference_mode():
+        output = vlm.model.generate(**inputs, **kwargs)
+    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    if collecting is not None:
+        return [collecting.text]
+    return _tokenizer(vlm.processor).batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def describe_image(
+    vlm: VisionModel,
+    image: ImageSource,
+    instruction: str = DEFAULT_INSTRUCTION,
+    *,
+    max_new_tokens: int = 1024,
+    temperature: float = 1.5,
+    min_p: float = 0.1,
+    do_sample: bool = True,
+    seed: int | None = None,
+    stream: StreamTarget = True,
+    num_samples: int = 1,
+    **generate_kwargs: Any,
+) -> str | list[str]:
+    """Ask the model one question about one image.
+
+    Returns the answer as a string, or a list of `num_samples` answers drawn in one batched `generate`
+    call. With `stream=True` a single answer is printed as it is generated and the returned string is
+    exactly what was printed (less the final newline).
+    """
+    picture = load_image(image)
+    inputs = prepare_inputs(vlm, [user_message(instruction, with_image=True)], picture)
+    answers = generate_answers(
+        vlm, inputs, stream=stream, seed=seed, num_samples=num_samples, max_new_tokens=max_new_tokens,
+        temperature=temperature, min_p=min_p, do_sample=do_sample, **generate_kwargs,
+    )
+    return answers if num_samples > 1 else answers[0]
+
+
+class Chat:
+    """A multi-turn conversation about (at most) one image, shown in the first user turn.
+
+    `ask()` keeps the history; if it raises, the history is as it was before the call.
+    """
+
+    def __init__(self, vlm: VisionModel, image: ImageSource | None = None, *, system: str | None = None,
+                 **settings: Any) -> None:
+        if system and image is not None:
+            raise ChatError(
+                "Llama 3.2 Vision does not take a system message together with an image: put the instruction "
+                "in your first question instead."
+            )
+        self.vlm = vlm
+        self.image = load_image(image) if image is not None else None
+        self.system = system
+        self.settings = {**DEFAULT_SETTINGS, "stream": True, **settings}
+        self._turns: list[dict] = []
+
+    @property
+    def history(self) -> list[dict]:
+        """The conversation so far (user and assistant turns), as messages for the chat template."""
+        return copy.deepcopy(self._turns)
+
+    def reset(self) -> None:
+        """Forget the turns; keep the image and the settings."""
+        self._turns = []
+
+    def messages(self, question: str, image_given_now: bool = False) -> list[dict]:
+        """The full message list for the next question; the image goes in the first user turn only."""
+        turns = copy.deepcopy(self._turns)
+        show_image = not turns and (self.image is not None or image_given_now)
+        turns.append(user_message(question, with_image=show_image))
+        if self.system:
+            turns.insert(0, {"role": "system", "content": self.system})
+        return turns
+
+    def ask(self, question: str, image: ImageSource | None = None, **settings: Any) -> str:
+        """Ask a question (optionally giving the image now, if the chat has none yet) and return the answer."""
+        new_image = None
+        if image is not None:
+            if self.image is not None:
+                raise ChatError(
+                    "This chat already has an image; the model was trained on one image per conversation. "
+                    "Start a new Chat (or call reset() and create one) for another image."
+                )
+            if self._turns:
+                raise ChatError("Give the image with the first question: start a new Chat with it.")
+            if self.system:
+                raise ChatError("A chat with a system message cannot take an image.")
+            new_image = load_image(image)
+        picture = new_image if new_image is not None else self.image
+        messages = self.messages(question, image_given_now=new_image is not None)
+        options = {**self.settings, **settings}
+        options.pop("num_samples", None)
+        inputs = prepare_inputs(self.vlm, messages, picture)
+        answer = generate_answers(self.vlm, inputs, **options)[0]
+        # Only a successful turn changes the state.
+        if new_image is not None:
+            self.image = new_image
+        user_turn = messages[-1]
+        self._turns.extend([user_turn, assistant_message(answer)])
+        return answer

@@ -1,0 +1,228 @@
+"""Loading a Llama 3.2 Vision model: name resolution, backend choice, quantization and errors that say what to do.
+
+This module knows nothing about prompts; `generation.py` does.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "unsloth/Llama-3.2-11B-Vision-Instruct-bnb-4bit"
+TINY_ALIAS = "tiny-random"
+BACKENDS = ("auto", "unsloth", "transformers")
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to do instead."""
+
+
+@dataclass
+class VisionModel:
+    """A loaded model with its processor, and how it was loaded."""
+
+    model: Any
+    processor: Any
+    backend: str
+    model_name: str
+    device: Any
+    load_in_4bit: bool = False
+    is_random: bool = field(default=False)
+
+    def __repr__(self) -> str:
+        bits = "4-bit" if self.load_in_4bit else str(getattr(self.model, "dtype", ""))
+        return f"VisionModel({self.model_name!r}, backend={self.backend!r}, device={self.device}, {bits})"
+
+
+def cache_dir() -> Path:
+    """Where built artefacts (the tiny checkpoint, random-weight checkpoints) are kept."""
+    return Path(os.environ.get("LLAMA_VISION_CACHE", Path.home() / ".cache" / "llama_vision_helpers"))
+
+
+def resolve_model_name(model_name: str | None = None) -> str:
+    """The argument, else `$LLAMA_VISION_MODEL`, else the 4-bit 11B Instruct model."""
+    return model_name or os.environ.get("LLAMA_VISION_MODEL") or DEFAULT_MODEL
+
+
+def gpu_available() -> bool:
+    """A CUDA or ROCm GPU that PyTorch can use."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_installed() -> bool:
+    """Whether unsloth is installed, found without importing it (importing it without a GPU raises)."""
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def choose_backend(backend: str = "auto") -> str:
+    """`auto` picks unsloth when it is installed and a GPU is present, else transformers.
+
+    `$LLAMA_VISION_BACKEND` replaces `auto`; an explicit backend argument wins over it.
+    """
+    if backend == "auto":
+        backend = os.environ.get("LLAMA_VISION_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"Unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend == "auto":
+        return "unsloth" if gpu_available() and unsloth_installed() else "transformers"
+    return backend
+
+
+def tiny_checkpoint_path() -> Path:
+    """Build the tiny random checkpoint once (cached) and return its folder."""
+    from .tiny import build_tiny_checkpoint, is_tiny_checkpoint
+
+    path = cache_dir() / "tiny-random-mllama"
+    if not is_tiny_checkpoint(path):
+        tmp = path.with_name(path.name + f".building-{os.getpid()}")
+        build_tiny_checkpoint(tmp)
+        if is_tiny_checkpoint(path):  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.rename(path)
+    return path
+
+
+def is_prequantized(source: str) -> bool:
+    """True for a bitsandbytes checkpoint (by name, or by the quantization_config in a local config.json)."""
+    if "bnb-4bit" in source.lower():
+        return True
+    config = Path(source) / "config.json"
+    if config.is_file():
+        try:
+            return "quantization_config" in json.loads(config.read_text())
+        except ValueError:
+            return False
+    return False
+
+
+def load_model(
+    model_name: str | None = None,
+    *,
+    backend: str = "auto",
+    load_in_4bit: bool | None = None,
+    device_map: str | dict | None = None,
+    dtype: Any = None,
+) -> VisionModel:
+    """Load a Llama 3.2 Vision model and its processor.
+
+    `model_name`: a hub id or a local folder; `"tiny-random"` builds and loads the offline tiny checkpoint.
+    `backend`: "auto", "unsloth" or "transformers". `load_in_4bit`: None means 4-bit for pre-quantized
+    checkpoints and for unsloth, full precision otherwise. Raises `ModelLoadError` with what to do.
+    """
+    name = resolve_model_name(model_name)
+    is_tiny = name == TINY_ALIAS
+    source = str(tiny_checkpoint_path()) if is_tiny else name
+    chosen = choose_backend(backend)
+    on_gpu = gpu_available()
+    prequantized = is_prequantized(source)
+    if load_in_4bit is None:
+        load_in_4bit = prequantized or chosen == "unsloth"
+
+    if chosen == "unsloth":
+        if not unsloth_installed():
+            raise ModelLoadError(
+                "backend='unsloth' needs unsloth: install it with `pip install -e .[gpu]` on a machine with a "
+                "GPU, or use backend='transformers'."
+            )
+        if not on_gpu:
+            raise ModelLoadError(
+                "backend='unsloth' needs a CUDA or ROCm GPU and none is visible. Use backend='transformers' "
+                "(CPU) or load_model('tiny-random') to try the notebooks without a GPU."
+            )
+    if prequantized and not on_gpu:
+        raise ModelLoadError(
+            f"{name} is a bitsandbytes 4-bit checkpoint, which needs a GPU. Without one, use "
+            "load_model('tiny-random') to run the notebooks; with a GPU but no bitsandbytes, load "
+            "'meta-llama/Llama-3.2-11B-Vision-Instruct' with backend='transformers' in bf16."
+        )
+
+    try:
+        if chosen == "unsloth":
+            model, processor = _load_unsloth(source, load_in_4bit, dtype)
+        else:
+            model, processor = _load_transformers(source, load_in_4bit, device_map, dtype, on_gpu)
+    except ModelLoadError:
+        raise
+    except Exception as err:  # translated into what to do; the original stays chained
+        raise _explain_load_failure(name, err) from err
+
+    if is_tiny:
+        warnings.warn(
+            "tiny-random is a tiny model with random weights: its answers are noise, only the plumbing is real.",
+            UserWarning,
+            stacklevel=2,
+        )
+    device = next(model.parameters()).device
+    return VisionModel(model, processor, chosen, name, device, load_in_4bit=load_in_4bit, is_random=is_tiny)
+
+
+def _load_unsloth(source: str, load_in_4bit: bool, dtype: Any):
+    from unsloth import FastVisionModel  # imported only here: it raises on a machine without a GPU
+
+    model, processor = FastVisionModel.from_pretrained(source, load_in_4bit=load_in_4bit, dtype=dtype)
+    FastVisionModel.for_inference(model)
+    return model, processor
+
+
+def _load_transformers(source: str, load_in_4bit: bool, device_map: Any, dtype: Any, on_gpu: bool):
+    import torch
+    from transformers import AutoProcessor, BitsAndBytesConfig, MllamaForConditionalGeneration
+
+    kwargs: dict[str, Any] = {}
+    if dtype is None:
+        dtype = torch.bfloat16 if on_gpu else torch.float32
+    if load_in_4bit and not is_prequantized(source):
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ModelLoadError("load_in_4bit=True needs bitsandbytes: `pip install -e .[gpu]`.")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if on_gpu else dtype,
+        )
+    if device_map is None:
+        device_map = "auto" if on_gpu else "cpu"
+    model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(source)
+    return model, processor
+
+
+def _explain_load_failure(name: str, err: Exception) -> ModelLoadError:
+    """Turn a loading exception into a ModelLoadError that says what to do."""
+    import torch
+
+    text = f"{type(err).__name__}: {err}"
+    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+        return ModelLoadError(
+            f"The GPU ran out of memory loading {name}. Load it in 4-bit (load_in_4bit=True, about 7 GB for the "
+            "11B model) or use a 4-bit checkpoint such as unsloth/Llama-3.2-11B-Vision-Instruct-bnb-4bit."
+        )
+    gated = any(word in text for word in ("GatedRepo", "gated", "401", "403", "Unauthorized"))
+    if gated:
+        return ModelLoadError(
+            f"{name} is gated on the Hugging Face Hub. Accept its licence on its hub page, log in with "
+            "`hf auth login` (or set HF_TOKEN), or point load_model at a local folder holding the checkpoint."
+        )
+    missing = any(
+        word in text
+        for word in ("RepositoryNotFound", "LocalEntryNotFound", "offline", "Connection", "resolve", "not a local folder")
+    )
+    if missing or isinstance(err, OSError):
+        return ModelLoadError(
+            f"Could not load {name}: the Hugging Face Hub is unreachable or has no such repository, and no local "
+            "copy was found. Check the name, connect and log in (`hf auth login`), pass a local folder that holds "
+            "the checkpoint, or use load_model('tiny-random') to work offline. "
+            f"({text.splitlines()[0][:300]})"
+        )
+    return ModelLoadError(f"Could not load {name}: {text.splitlines()[0][:500]}")

@@ -1,0 +1,152 @@
+"""A tiny random Mllama checkpoint, built offline, that loads through the real `from_pretrained` path.
+
+Its answers are noise. It exists so that the tokenizer, chat template, image tiling, generation, streaming,
+parsing and scoring can all run (and be tested) on a CPU with no downloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .prompt_format import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+# Tile size 56 with 14-px patches gives 4x4 patches a tile; the real model uses 560 px (40x40).
+TILE_SIZE = 56
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+BPE_VOCAB_SIZE = 512
+BUILD_VERSION = 1  # bump when the recipe changes so cached copies are rebuilt
+
+_CORPUS = """
+Describe the image accurately. The photo shows a cat sitting on a wooden table next to a window.
+Extract the receipt as JSON with the store, date, time, items, quantity, price, subtotal, tax and total.
+{"store": "Corner Market", "date": "2024-03-15", "time": "14:32", "items": [{"name": "Milk", "quantity": 2,
+"price": 3.49}], "subtotal": 6.98, "tax": 0.56, "total": 7.54}
+What operation is shown on the calculator display? What is the result? 12 + 7 = 19, 144 / 12 = 12.
+Write the LaTeX for the equation in the image. $$\\frac{a}{b} + \\sum_{i=1}^{n} x_i = \\int_0^1 f(x)\\,dx$$
+\\begin{equation} \\alpha + \\beta = \\gamma \\end{equation} \\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}
+What time does the watch show? The time is 10:10. It is ten past ten, quarter to three, half past seven, noon.
+How many more people ride a car than walk? Sort the companies by revenue. The invoice is due in 30 days.
+Count the red circles and the blue squares, then subtract. There are 4 shapes left. The chart shows 42%.
+The quick brown fox jumps over the lazy dog. 0123456789 one two three four five six seven eight nine ten.
+"""
+
+
+def _build_tokenizer(path: Path) -> None:
+    """A byte-level BPE tokenizer trained on a fixed corpus, with Llama 3.2's special tokens after it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
+
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=SPECIAL_TOKENS["bos"],
+        eos_token=SPECIAL_TOKENS["eot"],
+        pad_token=SPECIAL_TOKENS["pad"],
+        model_input_names=["input_ids", "attention_mask"],
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+
+
+def _token_id(path: Path, token: str) -> int:
+    vocab = json.loads((path / "tokenizer.json").read_text())["added_tokens"]
+    return next(t["id"] for t in vocab if t["content"] == token)
+
+
+def tiny_config(vocab_size: int, image_token_index: int, bos: int, eos: list[int], pad: int):
+    """The tiny architecture: every quantizable layer is at least 64 wide so bitsandbytes 4-bit runs on CPU."""
+    from transformers import MllamaConfig
+
+    vision_hidden = 64
+    intermediate_layers = [0, 1]
+    return MllamaConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_global_layers=1,
+            attention_heads=4,
+            image_size=TILE_SIZE,
+            patch_size=14,
+            max_num_tiles=4,
+            intermediate_layers_indices=intermediate_layers,
+            vision_output_dim=vision_hidden * (len(intermediate_layers) + 1),
+        ),
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            cross_attention_layers=[1, 3],
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        ),
+        image_token_index=image_token_index,
+    )
+
+
+def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny random Mllama checkpoint (weights, tokenizer, processor, chat template) to `path`.
+
+    The same `seed` gives the same weights. Returns the folder.
+    """
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        GenerationConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+    )
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _build_tokenizer(path)
+    ids = {name: _token_id(path, tok) for name, tok in SPECIAL_TOKENS.items()}
+    # The image token sits just past the text vocabulary, as in the real model (128256).
+    text_vocab = ids["image"]
+    eos = [ids["eos"], ids["eom"], ids["eot"]]
+    config = tiny_config(text_vocab, ids["image"], ids["bos"], eos, ids["pad"])
+
+    torch.manual_seed(seed)
+    model = MllamaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=eos, pad_token_id=ids["pad"])
+    model.save_pretrained(path)
+
+    image_processor = MllamaImageProcessorPil(
+        size={"height": TILE_SIZE, "width": TILE_SIZE},
+        max_image_tiles=4,
+        image_mean=IMAGE_MEAN,
+        image_std=IMAGE_STD,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    MllamaProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(path)
+    (path / "tiny_random.json").write_text(json.dumps({"build_version": BUILD_VERSION, "seed": seed}))
+    return path
+
+
+def is_tiny_checkpoint(path: str | os.PathLike) -> bool:
+    """True when `path` holds a complete tiny checkpoint of the current recipe."""
+    marker = Path(path) / "tiny_random.json"
+    try:
+        return json.loads(marker.read_text()).get("build_version") == BUILD_VERSION
+    except (OSError, ValueError):
+        return False

@@ -1,0 +1,35 @@
+import os
+
+import pytest
+from PIL import Image
+
+# Tests never reach the network, and build their own tiny checkpoint in a fresh cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def vlm(tmp_path_factory):
+    from llama_vision_helpers import load_model
+
+    os.environ["LLAMA_VISION_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return load_model("tiny-random")
+
+
+@pytest.fixture
+def photo():
+    """A small RGB image with some structure (a wide one, so the processor uses several tiles)."""
+    image = Image.new("RGB", (240, 110), "white")
+    for x in range(0, 240, 20):
+        image.paste((x, 80, 200 - x // 2), (x, 0, x + 10, 110))
+    return image
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

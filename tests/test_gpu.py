@@ -1,0 +1,36 @@
+"""GPU paths: skipped without CUDA; run on the GPU machine and reported."""
+
+import pytest
+
+from llama_vision_helpers import Chat, describe_image, load_model
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(params=["unsloth", "transformers"])
+def gpu_vlm(request):
+    return load_model("tiny-random", backend=request.param, load_in_4bit=True)
+
+
+def test_4bit_backends_load_tiny_random_on_the_gpu_and_stream(gpu_vlm, photo, capsys):
+    assert gpu_vlm.device.type == "cuda" and gpu_vlm.load_in_4bit
+    answer = describe_image(gpu_vlm, photo, max_new_tokens=16, seed=0)
+    assert capsys.readouterr().out == answer + "\n"
+    print(f"\n{gpu_vlm!r} streamed {len(answer)} characters")
+
+
+def test_chat_and_samples_on_the_gpu(gpu_vlm, photo):
+    chat = Chat(gpu_vlm, photo, stream=False, max_new_tokens=8)
+    chat.ask("What is it?", seed=0)
+    chat.ask("And then?", seed=1)
+    assert len(chat.history) == 4
+    answers = describe_image(gpu_vlm, photo, num_samples=4, max_new_tokens=8, seed=0)
+    assert len(answers) == 4
+
+
+def test_bf16_transformers_backend_on_the_gpu(photo):
+    import torch
+
+    vlm = load_model("tiny-random", backend="transformers", load_in_4bit=False)
+    assert vlm.model.dtype == torch.bfloat16
+    assert isinstance(describe_image(vlm, photo, max_new_tokens=8, seed=0, stream=False), str)
