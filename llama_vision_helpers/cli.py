@@ -54,7 +54,6 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace, read_line: Callable[[str], str] = input) -> int:
     from .generation import Chat, ChatError
-
     from .images import load_image
 
     image = load_image(args.image)
@@ -76,6 +75,14 @@ def cmd_chat(args: argparse.Namespace, read_line: Callable[[str], str] = input) 
     return 0
 
 
+def cmd_inputs(args: argparse.Namespace) -> int:
+    from .inputs import write_inputs
+
+    folder = write_inputs(args.output)
+    print(f"wrote {len(list(folder.iterdir()))} files to {folder}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-vision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,13 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    inputs = sub.add_parser("inputs", help="regenerate the input images, ground_truth.json and SOURCES.md")
+    inputs.add_argument("--output", default="input", help="folder to write (default: input)")
+    inputs.set_defaults(handler=cmd_inputs)
     return parser
-
-
-# Subcommands living in other modules add themselves here (kept out of import time for a fast --help).
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
