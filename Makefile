@@ -7,7 +7,12 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test lab app inputs bench notebooks-clean clean
+NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+# The test suite runs on the tiny random checkpoint, offline, with two trials per experiment.
+TEST_ENV := LLAMA_VISION_MODEL=tiny-random LLAMA_VISION_TRIALS=2 HF_HUB_OFFLINE=1
+NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
+
+.PHONY: setup test lab app inputs bench notebooks-clean notebooks-run clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,7 +24,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: setup
-	LLAMA_VISION_MODEL=tiny-random $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest tests notebooks $(NBVAL) $(PYTEST_ARGS)
+
+# Strip model outputs, renumber cells, drop stray metadata.
+notebooks-clean: setup
+	$(PY) tools/nbtool.py clean $(NOTEBOOKS)
+
+# Re-execute every notebook on tiny-random and save the checked outputs.
+notebooks-run: setup
+	$(TEST_ENV) $(PY) tools/nbtool.py run $(NOTEBOOKS)
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
