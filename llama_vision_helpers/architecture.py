@@ -156,3 +156,33 @@ def memory_table(size: str = "11b", bits_list=(16, 8, 4), **kwargs: Any) -> list
     """One estimate per precision, in GiB."""
     config = mllama_config(size)
     return [dict(size=size, **estimate_memory(config, b, **kwargs).as_gib()) for b in bits_list]
+
+
+def load_config(model: str):
+    """The MllamaConfig for '11b', '90b', a checkpoint folder or a hub id (only config.json is fetched)."""
+    from transformers import MllamaConfig
+
+    if model.lower() in SHAPES:
+        return mllama_config(model)
+    if model == "tiny-random":
+        from .model import tiny_checkpoint_path
+
+        model = str(tiny_checkpoint_path())
+    try:
+        return MllamaConfig.from_pretrained(model)
+    except OSError as err:
+        raise ValueError(f"No Mllama config for {model!r}: give 11b, 90b, a checkpoint folder or a reachable hub "
+                         f"id ({str(err).splitlines()[0][:200]}).") from err
+
+
+def fit_table(model: str, bits_list=(16, 8, 4), **kwargs: Any) -> str:
+    """A Markdown table of the memory estimate at each precision, in GiB (and GB for the weights)."""
+    config = load_config(model)
+    header = "| bits | weights GiB | weights GB | KV cache GiB | cross-attn cache GiB | vision act. GiB | total GiB |"
+    lines = [f"Memory estimate for {model} ({sum(parameter_counts(config).values()) / 1e9:.2f} B parameters):",
+             "", header, "|---|---|---|---|---|---|---|"]
+    for bits in bits_list:
+        e = estimate_memory(config, bits, **kwargs)
+        lines.append(f"| {bits:g} | {e.weights / GIB:.2f} | {e.weights / 1e9:.1f} | {e.kv_cache / GIB:.2f} | "
+                     f"{e.cross_attention_cache / GIB:.2f} | {e.vision_activations / GIB:.2f} | {e.total / GIB:.2f} |")
+    return "\n".join(lines)

@@ -83,6 +83,34 @@ def cmd_inputs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    from .architecture import fit_table
+
+    print(fit_table(args.model, tuple(args.bits), context_tokens=args.context, batch=args.batch))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import format_table, random_weights_checkpoint, run_bench, save_json
+
+    if bool(args.model) == bool(args.random_weights):
+        raise CliError("give a model (--model) or --random-weights 11b|90b, not both")
+    model = str(random_weights_checkpoint(args.random_weights)) if args.random_weights else args.model
+    options = {"fast": True} if getattr(args, "fast", False) else None
+    label = args.model or f"random-weights {args.random_weights}"
+
+    def save(results):  # after every backend, so a run cut short keeps what it measured
+        if args.json:
+            save_json(results, args.json, model=label, command=" ".join(sys.argv))
+
+    results = run_bench(model, args.backends, new_tokens=args.new_tokens, samples=tuple(args.samples),
+                        repeats=args.repeats, generate_options=options, on_result=save)
+    print(format_table(results))
+    if args.json:
+        print(f"\nsaved {args.json}")
+    return 0 if all(r.error is None for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-vision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +127,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(chat)
     add_sampling_options(chat)
     chat.set_defaults(handler=cmd_chat)
+
+    fit = sub.add_parser("fit", help="estimate GPU memory from the model's config alone")
+    fit.add_argument("model", help="11b, 90b, a checkpoint folder or a hub id")
+    fit.add_argument("--bits", type=float, nargs="+", default=[16, 8, 4])
+    fit.add_argument("--context", type=int, default=2048, help="tokens of text context (KV cache)")
+    fit.add_argument("--batch", type=int, default=1)
+    fit.set_defaults(handler=cmd_fit)
+
+    from .bench import BACKENDS
+
+    bench = sub.add_parser("bench", help="load time, memory, time to first token and decode speed per backend")
+    bench.add_argument("--model", default=None, help="hub id, folder or tiny-random")
+    bench.add_argument("--random-weights", choices=["11b", "90b"], default=None,
+                       help="build that architecture with random weights on the GPU (no download)")
+    bench.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    bench.add_argument("--new-tokens", type=int, default=128)
+    bench.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8, 16])
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.set_defaults(handler=cmd_bench)
 
     inputs = sub.add_parser("inputs", help="regenerate the input images, ground_truth.json and SOURCES.md")
     inputs.add_argument("--output", default="input", help="folder to write (default: input)")

@@ -1,7 +1,9 @@
-"""A tiny random Mllama checkpoint, built offline, that loads through the real `from_pretrained` path.
+"""Random-weight Mllama checkpoints, built offline, that load through the real `from_pretrained` path.
 
-Its answers are noise. It exists so that the tokenizer, chat template, image tiling, generation, streaming,
-parsing and scoring can all run (and be tested) on a CPU with no downloads.
+`build_tiny_checkpoint`: a tiny model whose answers are noise, so that the tokenizer, chat template, image
+tiling, generation, streaming, parsing and scoring can all run (and be tested) on a CPU with no downloads.
+`build_random_checkpoint`: the full 11B or 90B shape with random weights, for speed and memory benchmarks
+(which do not depend on the weights' values).
 """
 
 from __future__ import annotations
@@ -109,18 +111,12 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     The same `seed` gives the same weights. Returns the folder.
     """
     import torch
-    from transformers import (
-        AutoTokenizer,
-        GenerationConfig,
-        MllamaForConditionalGeneration,
-        MllamaProcessor,
-    )
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    from transformers import MllamaForConditionalGeneration
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _build_tokenizer(path)
-    ids = {name: _token_id(path, tok) for name, tok in SPECIAL_TOKENS.items()}
+    ids = _special_ids(path)
     # The image token sits just past the text vocabulary, as in the real model (128256).
     text_vocab = ids["image"]
     eos = [ids["eos"], ids["eom"], ids["eot"]]
@@ -128,23 +124,69 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config).eval()
+    _save_model_and_processor(model, path, ids, TILE_SIZE)
+    _write_marker(path, seed=seed)
+    return path
+
+
+def _special_ids(path: Path) -> dict[str, int]:
+    return {name: _token_id(path, tok) for name, tok in SPECIAL_TOKENS.items()}
+
+
+def _save_model_and_processor(model, path: Path, ids: dict[str, int], tile_size: int) -> None:
+    """Save weights, generation config, and a processor with the real tiling at `tile_size` pixels a tile."""
+    from transformers import AutoTokenizer, GenerationConfig, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    eos = [ids["eos"], ids["eom"], ids["eot"]]
     model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=eos, pad_token_id=ids["pad"])
     model.save_pretrained(path)
-
     image_processor = MllamaImageProcessorPil(
-        size={"height": TILE_SIZE, "width": TILE_SIZE},
-        max_image_tiles=4,
-        image_mean=IMAGE_MEAN,
-        image_std=IMAGE_STD,
+        size={"height": tile_size, "width": tile_size}, max_image_tiles=4, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     MllamaProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE).save_pretrained(path)
-    (path / "tiny_random.json").write_text(json.dumps({"build_version": BUILD_VERSION, "seed": seed}))
+
+
+def _write_marker(path: Path, **facts) -> None:
+    (path / "tiny_random.json").write_text(json.dumps({"build_version": BUILD_VERSION, **facts}))
+
+
+def build_random_checkpoint(path: str | os.PathLike, size: str = "11b", *, device: str = "cuda", seed: int = 0) -> Path:
+    """Write the 11B or 90B architecture with random bf16 weights, initialized on `device`, to `path`.
+
+    The tokenizer and chat template are the tiny model's (the ids it uses all lie inside the real vocabulary);
+    images are tiled at the real 560 pixels.
+    """
+    import torch
+    from transformers import MllamaForConditionalGeneration
+
+    from .architecture import mllama_config
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _build_tokenizer(path)
+    ids = _special_ids(path)
+    config = mllama_config(size)
+    config.text_config.bos_token_id = ids["bos"]
+    config.text_config.eos_token_id = [ids["eos"], ids["eom"], ids["eot"]]
+    config.text_config.pad_token_id = ids["pad"]
+    torch.manual_seed(seed)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = MllamaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    _save_model_and_processor(model, path, ids, tile_size=config.vision_config.image_size)
+    del model
+    _write_marker(path, seed=seed, size=size)
     return path
 
 
 def is_tiny_checkpoint(path: str | os.PathLike) -> bool:
-    """True when `path` holds a complete tiny checkpoint of the current recipe."""
+    """True when `path` holds a complete checkpoint built here with the current recipe."""
     marker = Path(path) / "tiny_random.json"
     try:
         return json.loads(marker.read_text()).get("build_version") == BUILD_VERSION
