@@ -28,22 +28,38 @@ RESULT_PREFIX = "BENCH_RESULT "
 PROMPT = "Describe the image accurately."
 
 
+MODES = ("generate", "fast")
+
+
 @dataclass
 class BenchResult:
-    """What one backend measured; times in seconds, memory in GiB, speeds in tokens/s."""
+    """What one backend measured in one decode mode; times in seconds, memory in GiB, speeds in tokens/s.
+
+    `mode`: "generate" (Hugging Face generate) or "fast" (the CUDA-graph loop of fast_decode.py).
+    The ceilings: `matmul_floor_tok_s` (all language-model linear layers applied to one token, replayed from
+    one CUDA graph) and `bandwidth_limit_tok_s` (measured copy bandwidth / bytes of weights read per token).
+    """
 
     backend: str
     model: str
+    mode: str = "generate"
     device: str = ""
     load_s: float | None = None
     weights_gib: float | None = None
-    peak_gib: float | None = None
     fit_weights_gib: float | None = None
+    peak_gib: float | None = None
+    peak_k_gib: float | None = None
     ttft_s: float | None = None
     decode_tok_s: float | None = None
     samples_tok_s: dict[int, float] = field(default_factory=dict)
     samples_wall_s: dict[int, float] = field(default_factory=dict)
     new_tokens: int = 0
+    logits_max_rel_diff: float | None = None
+    argmax_agreement: float | None = None
+    weights_read_gib: float | None = None
+    copy_gbs: float | None = None
+    matmul_floor_tok_s: float | None = None
+    bandwidth_limit_tok_s: float | None = None
     error: str | None = None
 
 
@@ -80,9 +96,89 @@ def benchmark_image(side: int = 1120):
     return Image.fromarray(np.stack([grid, grid[::-1], grid.T], axis=-1).astype("uint8"))
 
 
+def _reset_peak() -> None:
+    import torch
+
+    for i in range(torch.cuda.device_count()):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def _peak_gib() -> float:
+    import torch
+
+    return _gib(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
+
+
+def copy_bandwidth_gbs(gib: float = 2.0, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
+    import torch
+
+    source = torch.empty(int(gib * 1024**3), dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    target.copy_(source)
+    seconds = median_time(lambda: target.copy_(source), repeats)
+    return 2 * source.numel() / seconds / 1e9
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: the language model and lm_head, less the cross-attention key and
+    value projections (the image's keys and values are cached after prefill)."""
+    text = model.model.language_model
+    cross = set(text.config.cross_attention_layers)
+    skipped = {id(p) for i in cross for proj in ("k_proj", "v_proj")
+               for p in getattr(text.layers[i].cross_attn, proj).parameters()}
+    tensors = list(text.parameters()) + list(model.lm_head.parameters())
+    return sum(t.numel() * t.element_size() for t in tensors if id(t) not in skipped)
+
+
+def matmul_floor_seconds(model, repeats: int = 20) -> float:
+    """One token through every linear layer of the language model and lm_head, replayed from one CUDA graph:
+    the time a decode step would take with no overhead beyond the matrix products."""
+    import torch
+
+    text = model.model.language_model
+    cross = set(text.config.cross_attention_layers)
+    linears = [m for i, layer in enumerate(text.layers) for name, m in layer.named_modules()
+               if isinstance(m, torch.nn.Linear) and not (i in cross and name.endswith(("k_proj", "v_proj")))]
+    linears.append(model.lm_head)
+    dtype = text.embed_tokens.weight.dtype
+    inputs = {m.in_features: torch.randn(1, 1, m.in_features, dtype=dtype, device="cuda") for m in linears}
+    with torch.inference_mode():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for m in linears:
+                m(inputs[m.in_features])
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for m in linears:
+                m(inputs[m.in_features])
+        graph.replay()
+        return median_time(graph.replay, repeats)
+
+
+def compare_fast_logits(vlm, inputs, steps: int = 32) -> tuple[float, float]:
+    """Feed the tokens greedy `generate` chose to the fast loop; return (max |logit difference| / max |logit|,
+    share of steps whose top token agrees)."""
+    import torch
+
+    from .fast_decode import fast_decoder_for
+
+    with torch.inference_mode():
+        reference = vlm.model.generate(**inputs, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                                       output_logits=True, return_dict_in_generate=True)
+    expected = torch.cat(reference.logits).float()
+    tokens = reference.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    got = fast_decoder_for(vlm).teacher_forced_logits(inputs, tokens)
+    difference = float((got - expected).abs().max() / expected.abs().max())
+    agreement = float((got.argmax(-1) == expected.argmax(-1)).float().mean())
+    return difference, agreement
+
+
 def bench_backend(model: str, name: str, *, new_tokens: int = 128, samples: tuple[int, ...] = (1, 4, 8, 16),
-                  repeats: int = 3, generate_options: dict | None = None) -> BenchResult:
-    """Measure one backend in this process."""
+                  repeats: int = 3, modes: tuple[str, ...] = MODES) -> list[BenchResult]:
+    """Load one backend in this process and measure it in each decode mode."""
     import torch
 
     from .architecture import estimate_memory
@@ -90,80 +186,93 @@ def bench_backend(model: str, name: str, *, new_tokens: int = 128, samples: tupl
     from .model import load_model
 
     spec = BACKENDS[name]
-    result = BenchResult(backend=name, model=model, new_tokens=new_tokens)
     cuda = torch.cuda.is_available()
-    result.device = torch.cuda.get_device_name() if cuda else platform.processor() or "cpu"
+    common = BenchResult(backend=name, model=model, new_tokens=new_tokens,
+                         device=torch.cuda.get_device_name() if cuda else platform.processor() or "cpu")
     dtype = torch.bfloat16 if spec["bits"] == 16 else None
     start = time.perf_counter()
     vlm = load_model(model, backend=spec["backend"], load_in_4bit=spec["load_in_4bit"], dtype=dtype)
     _sync()
-    result.load_s = time.perf_counter() - start
+    common.load_s = time.perf_counter() - start
     if cuda:
-        result.weights_gib = _gib(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
-        for i in range(torch.cuda.device_count()):
-            torch.cuda.reset_peak_memory_stats(i)
+        common.weights_gib = _gib(sum(torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())))
     else:
-        result.weights_gib = _gib(vlm.model.get_memory_footprint())
-    config = vlm.model.config
-    result.fit_weights_gib = _gib(estimate_memory(config, spec["bits"]).weights)
-
-    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
-    options = {"stream": False, "seed": 0, **(generate_options or {})}
-
-    def run(tokens: int, k: int = 1) -> None:
-        generate_answers(vlm, inputs, num_samples=k, max_new_tokens=tokens, min_new_tokens=tokens, **options)
-
-    run(8)  # warm-up: kernels, caches, allocator
-    result.ttft_s = median_time(lambda: run(1), repeats)
-    full = median_time(lambda: run(new_tokens), repeats)
-    result.decode_tok_s = (new_tokens - 1) / max(full - result.ttft_s, 1e-9)
-    for k in samples:
-        seconds = timed(lambda: run(new_tokens, k))
-        result.samples_wall_s[k] = seconds
-        result.samples_tok_s[k] = k * new_tokens / seconds
+        common.weights_gib = _gib(vlm.model.get_memory_footprint())
+    common.fit_weights_gib = _gib(estimate_memory(vlm.model.config, spec["bits"]).weights)
+    common.weights_read_gib = _gib(decode_weight_bytes(vlm.model))
     if cuda:
-        result.peak_gib = _gib(max(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())))
-    return result
+        common.copy_gbs = copy_bandwidth_gbs()
+        common.bandwidth_limit_tok_s = common.copy_gbs * 1e9 / decode_weight_bytes(vlm.model)
+        common.matmul_floor_tok_s = 1 / matmul_floor_seconds(vlm.model)
+    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
+
+    results = []
+    for mode in modes:
+        result = BenchResult(**{**asdict(common), "mode": mode})
+        options = {"stream": False, "seed": 0, "fast": mode == "fast"}
+
+        def run(tokens: int, k: int = 1) -> None:
+            generate_answers(vlm, inputs, num_samples=k, max_new_tokens=tokens, min_new_tokens=tokens, **options)
+
+        try:
+            run(8)  # warm-up: kernels, caches, allocator, graph capture
+            if cuda:
+                _reset_peak()
+            result.ttft_s = median_time(lambda: run(1), repeats)
+            full = median_time(lambda: run(new_tokens), repeats)
+            result.decode_tok_s = (new_tokens - 1) / max(full - result.ttft_s, 1e-9)
+            if cuda:
+                result.peak_gib = _peak_gib()
+            for k in samples:
+                run(8, k)  # each batch size has its own kernels (and graph)
+                seconds = timed(lambda: run(new_tokens, k))
+                result.samples_wall_s[k] = seconds
+                result.samples_tok_s[k] = k * new_tokens / seconds
+            if cuda:
+                result.peak_k_gib = _peak_gib()
+            if mode == "fast":
+                result.logits_max_rel_diff, result.argmax_agreement = compare_fast_logits(vlm, inputs)
+        except Exception as err:  # one mode failing leaves the other's numbers
+            result.error = f"{type(err).__name__}: {err}"[:500]
+        results.append(result)
+    return results
 
 
-def _worker_command(model: str, name: str, new_tokens: int, samples: tuple[int, ...], repeats: int,
-                    generate_options: dict | None) -> list[str]:
-    payload = json.dumps({"model": model, "name": name, "new_tokens": new_tokens, "samples": list(samples),
-                          "repeats": repeats, "generate_options": generate_options or {}})
-    return [sys.executable, "-m", "llama_vision_helpers.bench", "--worker", payload]
+def _result_from_json(data: dict) -> BenchResult:
+    for key in ("samples_tok_s", "samples_wall_s"):
+        data[key] = {int(k): v for k, v in data[key].items()}
+    return BenchResult(**data)
 
 
 def run_backend_isolated(model: str, name: str, *, new_tokens: int, samples: tuple[int, ...], repeats: int,
-                         generate_options: dict | None = None, timeout: float | None = None) -> BenchResult:
+                         modes: tuple[str, ...] = MODES, timeout: float | None = None) -> list[BenchResult]:
     """Run `bench_backend` in a fresh Python process; a crash there becomes an error in the result."""
-    command = _worker_command(model, name, new_tokens, samples, repeats, generate_options)
+    payload = json.dumps({"model": model, "name": name, "new_tokens": new_tokens, "samples": list(samples),
+                          "repeats": repeats, "modes": list(modes)})
+    command = [sys.executable, "-m", "llama_vision_helpers.bench", "--worker", payload]
     try:
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return BenchResult(backend=name, model=model, error=f"timed out after {timeout:g} s")
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(RESULT_PREFIX):
-            data = json.loads(line[len(RESULT_PREFIX):])
-            for key in ("samples_tok_s", "samples_wall_s"):
-                data[key] = {int(k): v for k, v in data[key].items()}
-            return BenchResult(**data)
-    return BenchResult(backend=name, model=model, error=f"worker exited with code {done.returncode}")
+        return [BenchResult(backend=name, model=model, error=f"timed out after {timeout:g} s")]
+    results = [_result_from_json(json.loads(line[len(RESULT_PREFIX):]))
+               for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    return results or [BenchResult(backend=name, model=model, error=f"worker exited with code {done.returncode}")]
 
 
 def _worker(payload: str) -> int:
     args = json.loads(payload)
     try:
-        result = bench_backend(args["model"], args["name"], new_tokens=args["new_tokens"],
-                               samples=tuple(args["samples"]), repeats=args["repeats"],
-                               generate_options=args["generate_options"])
+        results = bench_backend(args["model"], args["name"], new_tokens=args["new_tokens"],
+                                samples=tuple(args["samples"]), repeats=args["repeats"], modes=tuple(args["modes"]))
     except Exception as err:  # reported in the table; the other backends still run
-        result = BenchResult(backend=args["name"], model=args["model"], error=f"{type(err).__name__}: {err}"[:500])
-    print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
+        results = [BenchResult(backend=args["name"], model=args["model"], error=f"{type(err).__name__}: {err}"[:500])]
+    for result in results:
+        print(RESULT_PREFIX + json.dumps(asdict(result)), flush=True)
     return 0
 
 
 def run_bench(model: str, backends: list[str], *, new_tokens: int = 128, samples: tuple[int, ...] = (1, 4, 8, 16),
-              repeats: int = 3, isolate: bool = True, progress: bool = True, generate_options: dict | None = None,
+              repeats: int = 3, modes: tuple[str, ...] = MODES, isolate: bool = True, progress: bool = True,
               on_result: Callable[[list[BenchResult]], Any] | None = None) -> list[BenchResult]:
     """Benchmark each backend on `model` (a folder, hub id or 'tiny-random'); `on_result` sees the results so
     far after each backend."""
@@ -174,9 +283,10 @@ def run_bench(model: str, backends: list[str], *, new_tokens: int = 128, samples
         raise ValueError(f"Unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}.")
     results = []
     for name in tqdm(backends, desc="backends", disable=not progress):
-        kwargs = dict(new_tokens=new_tokens, samples=samples, repeats=repeats, generate_options=generate_options)
-        results.append(run_backend_isolated(model, name, **kwargs) if isolate else bench_backend(model, name, **kwargs))
-        print(format_table(results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        kwargs = dict(new_tokens=new_tokens, samples=samples, repeats=repeats, modes=modes)
+        measured = run_backend_isolated(model, name, **kwargs) if isolate else bench_backend(model, name, **kwargs)
+        results.extend(measured)
+        print("\n".join(format_table(measured).splitlines()[2:]), file=sys.stderr, flush=True)
         if on_result is not None:
             on_result(results)
     return results
@@ -187,23 +297,39 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 
 
 def format_table(results: list[BenchResult]) -> str:
-    """A Markdown table: one row per backend, then the k-sample throughput."""
+    """A Markdown table: one row per backend and mode, with the k-sample throughput and the ceilings."""
     ks = sorted({k for r in results for k in r.samples_tok_s})
-    header = ["backend", "load s", "weights GiB", "fit GiB (error)", "peak GiB", "TTFT s", "decode tok/s"]
-    header += [f"k={k} tok/s" for k in ks]
+    header = ["backend", "mode", "load s", "weights GiB", "fit GiB (error)", "peak GiB (k=1/max k)", "TTFT s",
+              "decode tok/s"] + [f"k={k} tok/s" for k in ks] + ["% of matmul floor", "% of bandwidth limit"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
-        if r.error:
-            lines.append(f"| {r.backend} | error: {r.error} |" + " |" * (len(header) - 2))
+        if r.error and r.decode_tok_s is None:
+            lines.append(f"| {r.backend} | {r.mode} | error: {r.error} |" + " |" * (len(header) - 3))
             continue
-        fit = "-"
-        if r.fit_weights_gib is not None:
-            fit = _fmt(r.fit_weights_gib)
-            if r.weights_gib:
-                fit += f" ({100 * (r.fit_weights_gib - r.weights_gib) / r.weights_gib:+.1f}%)"
-        row = [r.backend, _fmt(r.load_s, 1), _fmt(r.weights_gib), fit, _fmt(r.peak_gib), _fmt(r.ttft_s, 3),
-               _fmt(r.decode_tok_s, 1)] + [_fmt(r.samples_tok_s.get(k), 1) for k in ks]
+        fit = _fmt(r.fit_weights_gib)
+        if r.fit_weights_gib is not None and r.weights_gib:
+            fit += f" ({100 * (r.fit_weights_gib - r.weights_gib) / r.weights_gib:+.1f}%)"
+        peak = "-" if r.peak_gib is None else f"{r.peak_gib:.2f} / {_fmt(r.peak_k_gib)}"
+        floor = None if not (r.matmul_floor_tok_s and r.decode_tok_s) else 100 * r.decode_tok_s / r.matmul_floor_tok_s
+        limit = (None if not (r.bandwidth_limit_tok_s and r.decode_tok_s)
+                 else 100 * r.decode_tok_s / r.bandwidth_limit_tok_s)
+        row = [r.backend, r.mode, _fmt(r.load_s, 1), _fmt(r.weights_gib), fit, peak, _fmt(r.ttft_s, 3),
+               _fmt(r.decode_tok_s, 1)] + [_fmt(r.samples_tok_s.get(k), 1) for k in ks] + [_fmt(floor, 0), _fmt(limit, 0)]
         lines.append("| " + " | ".join(row) + " |")
+    ceilings = [r for r in results if r.matmul_floor_tok_s]
+    seen = set()
+    for r in ceilings:
+        if r.backend in seen:
+            continue
+        seen.add(r.backend)
+        lines.append(f"\n{r.backend}: matmul floor {r.matmul_floor_tok_s:.0f} tok/s; {r.weights_read_gib:.2f} GiB of "
+                     f"weights read per token at {r.copy_gbs:.0f} GB/s copy bandwidth -> limit "
+                     f"{r.bandwidth_limit_tok_s:.0f} tok/s")
+    checks = [r for r in results if r.logits_max_rel_diff is not None]
+    for r in checks:
+        lines.append(f"{r.backend} fast vs generate, same tokens fed: max |logit difference| = "
+                     f"{100 * r.logits_max_rel_diff:.2f}% of max |logit|, top token agrees on "
+                     f"{100 * r.argmax_agreement:.0f}% of steps")
     return "\n".join(lines)
 
 

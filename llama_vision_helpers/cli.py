@@ -96,7 +96,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if bool(args.model) == bool(args.random_weights):
         raise CliError("give a model (--model) or --random-weights 11b|90b, not both")
     model = str(random_weights_checkpoint(args.random_weights)) if args.random_weights else args.model
-    options = {"fast": True} if getattr(args, "fast", False) else None
     label = args.model or f"random-weights {args.random_weights}"
 
     def save(results):  # after every backend, so a run cut short keeps what it measured
@@ -104,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             save_json(results, args.json, model=label, command=" ".join(sys.argv))
 
     results = run_bench(model, args.backends, new_tokens=args.new_tokens, samples=tuple(args.samples),
-                        repeats=args.repeats, generate_options=options, on_result=save)
+                        repeats=args.repeats, modes=tuple(args.modes), on_result=save)
     print(format_table(results))
     if args.json:
         print(f"\nsaved {args.json}")
@@ -145,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8, 16])
     bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--modes", nargs="+", default=["generate", "fast"], choices=["generate", "fast"],
+                       help="decode with Hugging Face generate, the fast CUDA-graph loop, or both side by side")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench.set_defaults(handler=cmd_bench)
 

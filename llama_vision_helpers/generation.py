@@ -113,12 +113,14 @@ def generate_answers(
     temperature: float = DEFAULT_SETTINGS["temperature"],
     min_p: float = DEFAULT_SETTINGS["min_p"],
     do_sample: bool = DEFAULT_SETTINGS["do_sample"],
+    fast: bool | None = None,
     **generate_kwargs: Any,
 ) -> list[str]:
     """Run one `generate` call over prepared inputs and return the decoded answers (prompt excluded).
 
     `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
-    used as given; only a single answer streams. Extra keyword arguments go to `generate`.
+    used as given; only a single answer streams. `fast`: the CUDA-graph decode loop (`fast_decode.py`);
+    None uses it on a CUDA GPU and keeps `generate` elsewhere. Extra keyword arguments go to `generate`.
     """
     import torch
     from transformers import set_seed
@@ -140,11 +142,25 @@ def generate_answers(
     if seed is not None:
         set_seed(seed)
     with torch.inference_mode():
-        output = vlm.model.generate(**inputs, **kwargs)
+        output = _run_generate(vlm, inputs, kwargs, fast)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
     if collecting is not None:
         return [collecting.text]
     return _tokenizer(vlm.processor).batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def _run_generate(vlm: VisionModel, inputs: Any, kwargs: dict[str, Any], fast: bool | None):
+    """The fast decode loop where it applies, else `model.generate`."""
+    from .fast_decode import SUPPORTED_OPTIONS, FastDecodeUnsupported, fast_decoder_for
+
+    use_fast = fast if fast is not None else vlm.device.type == "cuda"
+    if use_fast and set(kwargs) <= SUPPORTED_OPTIONS:
+        try:
+            return fast_decoder_for(vlm).generate(inputs, **kwargs)
+        except FastDecodeUnsupported as reason:
+            if fast:
+                warnings.warn(f"fast decoding is not available here ({reason}); using generate", stacklevel=3)
+    return vlm.model.generate(**inputs, **kwargs)
 
 
 def describe_image(

@@ -34,6 +34,7 @@ class VisionModel:
     device: Any
     load_in_4bit: bool = False
     is_random: bool = field(default=False)
+    _fast_decoder: Any = field(default=None, repr=False, compare=False)
 
     def __repr__(self) -> str:
         bits = "4-bit" if self.load_in_4bit else str(getattr(self.model, "dtype", ""))

@@ -1,0 +1,281 @@
+"""A fast decode loop for Mllama: HF prefill, then a static KV cache and one CUDA graph per token.
+
+Hugging Face `generate` launches about 1,400 small kernels per token from Python, so on a GPU the decode loop
+is bound by the CPU, not by reading the weights. Here the prompt and image go through the model as usual
+(prefill), the caches are copied into fixed buffers (self-attention keys/values up to a fixed length; the
+cross-attention keys/values of the image, fixed after prefill), and the per-token step, which then has
+fixed shapes, is captured once in a CUDA graph and replayed. Sampling (temperature, min_p) runs on the GPU.
+On a CPU the same loop runs without the graph, which is how its correctness is tested against `generate`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# What the fast loop understands; anything else (beam search, repetition penalty, ...) goes to `generate`.
+SUPPORTED_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "min_p", "num_return_sequences",
+                     "use_cache", "streamer", "stopping_criteria"}
+LENGTH_BUCKET = 256
+KEEP_STATES = 2  # buffers and graphs for the last few (batch, length) shapes
+
+
+class FastDecodeUnsupported(RuntimeError):
+    """This model or request cannot use the fast loop; the caller falls back to `generate`."""
+
+
+@dataclass
+class _State:
+    """Fixed buffers (and the captured graph) for one batch size and cache length."""
+
+    batch: int
+    length: int
+    input_ids: torch.Tensor
+    position: torch.Tensor
+    key_positions: torch.Tensor
+    keys: dict[int, torch.Tensor]
+    values: dict[int, torch.Tensor]
+    cross_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    cross_values: dict[int, torch.Tensor] = field(default_factory=dict)
+    cross_mask: torch.Tensor | None = None
+    row_mask: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    graph: Any = None
+
+
+class FastDecoder:
+    """Decode for one loaded MllamaForConditionalGeneration; keep one per model (graphs are reused)."""
+
+    def __init__(self, model: Any, *, use_cuda_graph: bool | None = None) -> None:
+        language_model = getattr(getattr(model, "model", None), "language_model", None)
+        if language_model is None or not hasattr(model, "lm_head"):
+            raise FastDecodeUnsupported("not an Mllama model")
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1:
+            raise FastDecodeUnsupported("the model is spread over several devices")
+        self.model = model
+        self.text = language_model
+        config = language_model.config
+        self.cross_layers = set(config.cross_attention_layers)
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.max_positions = config.max_position_embeddings
+        self.device = devices.pop()
+        self.dtype = language_model.embed_tokens.weight.dtype
+        self.use_cuda_graph = self.device.type == "cuda" if use_cuda_graph is None else use_cuda_graph
+        self.gates = {i: (layer.cross_attn_attn_gate.tanh(), layer.cross_attn_mlp_gate.tanh())
+                      for i, layer in enumerate(self.text.layers) if i in self.cross_layers}
+        self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
+
+    # --- one token through the language model ------------------------------------------------------
+
+    def _self_attention_layer(self, layer, hidden, cos, sin, state: _State, index: int, mask):
+        from transformers.models.mllama.modeling_mllama import apply_rotary_pos_emb
+
+        attention, batch = layer.self_attn, hidden.shape[0]
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        q = attention.q_proj(x).view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(batch, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = attention.v_proj(x).view(batch, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        state.keys[index].index_copy_(2, state.position, k)
+        state.values[index].index_copy_(2, state.position, v)
+        out = F.scaled_dot_product_attention(q, state.keys[index], state.values[index], attn_mask=mask,
+                                             scale=attention.scaling, enable_gqa=True)
+        hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _cross_attention_layer(self, layer, hidden, state: _State, index: int):
+        attention, batch = layer.cross_attn, hidden.shape[0]
+        attention_gate, mlp_gate = self.gates[index]
+        residual = hidden
+        x = layer.input_layernorm(hidden)
+        q = attention.q_norm(attention.q_proj(x).view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2))
+        out = F.scaled_dot_product_attention(q, state.cross_keys[index], state.cross_values[index],
+                                             attn_mask=state.cross_mask, scale=attention.scaling, enable_gqa=True)
+        hidden = residual + attention_gate * attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+        x = state.row_mask * layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + mlp_gate * x
+
+    def _step(self, state: _State) -> None:
+        """Logits for `state.input_ids` at `state.position`, written into `state.logits` (fixed shapes)."""
+        hidden = self.text.embed_tokens(state.input_ids)
+        position_ids = state.position.view(1, 1).expand(state.batch, 1)
+        cos, sin = self.text.rotary_emb(hidden, position_ids)
+        # positions not yet written are masked out with the dtype's most negative value, as transformers does
+        mask = torch.where(state.key_positions <= state.position, 0.0, torch.finfo(hidden.dtype).min)
+        mask = mask.to(hidden.dtype).view(1, 1, 1, -1)
+        for index, layer in enumerate(self.text.layers):
+            if index in self.cross_layers:
+                if state.cross_mask is not None:
+                    hidden = self._cross_attention_layer(layer, hidden, state, index)
+            else:
+                hidden = self._self_attention_layer(layer, hidden, cos, sin, state, index, mask)
+        logits = self.model.lm_head(self.text.norm(hidden))
+        state.logits.copy_(logits[:, -1, :])
+
+    # --- buffers, prefill and the graph -------------------------------------------------------------
+
+    def _state(self, batch: int, length: int, vision_tokens: int | None, vocab: int) -> _State:
+        key = (batch, length, vision_tokens)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= KEEP_STATES:
+            self._states.popitem(last=False)
+        kv = dict(dtype=self.dtype, device=self.device)
+        shape = (batch, self.num_kv_heads, length, self.head_dim)
+        self_layers = [i for i in range(len(self.text.layers)) if i not in self.cross_layers]
+        state = _State(
+            batch=batch, length=length,
+            input_ids=torch.zeros((batch, 1), dtype=torch.long, device=self.device),
+            position=torch.zeros(1, dtype=torch.long, device=self.device),
+            key_positions=torch.arange(length, device=self.device),
+            keys={i: torch.zeros(shape, **kv) for i in self_layers},
+            values={i: torch.zeros(shape, **kv) for i in self_layers},
+            logits=torch.zeros((batch, vocab), **kv),
+        )
+        if vision_tokens is not None:
+            cross_shape = (batch, self.num_kv_heads, vision_tokens, self.head_dim)
+            state.cross_keys = {i: torch.zeros(cross_shape, **kv) for i in self.cross_layers}
+            state.cross_values = {i: torch.zeros(cross_shape, **kv) for i in self.cross_layers}
+            state.cross_mask = torch.zeros((batch, 1, 1, vision_tokens), **kv)
+            state.row_mask = torch.zeros((batch, 1, 1), **kv)
+        self._states[key] = state
+        return state
+
+    def _capture(self, state: _State) -> None:
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph: lazy initialisation, allocator, kernel selection
+                self._step(state)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(state)
+        state.graph = graph
+
+    def _prefill(self, inputs: dict, batch: int, max_new_tokens: int) -> tuple[_State, torch.Tensor]:
+        """Run the prompt (and image) through the model once, fill the fixed buffers, return the last logits."""
+        from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+        prompt_length = inputs["input_ids"].shape[1]
+        length = -(-(prompt_length + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
+        if length > self.max_positions:
+            raise FastDecodeUnsupported("prompt and answer are longer than the model's context")
+        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = output.past_key_values
+        has_image = inputs.get("cross_attention_mask") is not None and inputs.get("pixel_values") is not None
+        vision_tokens = cache.layers[min(self.cross_layers)].keys.shape[2] if has_image else None
+        state = self._state(batch, length, vision_tokens, output.logits.shape[-1])
+        for index in state.keys:
+            layer = cache.layers[index]
+            state.keys[index][:, :, :prompt_length].copy_(layer.keys.expand(batch, -1, -1, -1))
+            state.values[index][:, :, :prompt_length].copy_(layer.values.expand(batch, -1, -1, -1))
+        if has_image:
+            for index in self.cross_layers:
+                state.cross_keys[index].copy_(cache.layers[index].keys.expand(batch, -1, -1, -1))
+                state.cross_values[index].copy_(cache.layers[index].values.expand(batch, -1, -1, -1))
+            # every new token sees the image as the last prompt token does
+            cross_mask, row_mask = _prepare_cross_attention_mask(
+                inputs["cross_attention_mask"][:, -1:], num_vision_tokens=self.model.model.vision_model.num_patches,
+                dtype=self.dtype)
+            state.cross_mask.copy_(cross_mask.expand(batch, -1, -1, -1))
+            state.row_mask.copy_(row_mask[:, 0].expand(batch, -1, -1))
+        return state, output.logits[:, -1, :].float().expand(batch, -1)
+
+    def _decode(self, state: _State, tokens: torch.Tensor, position: int) -> torch.Tensor:
+        state.input_ids.copy_(tokens.view(state.batch, 1))
+        state.position.fill_(position)
+        if self.use_cuda_graph:
+            if state.graph is None:
+                self._capture(state)
+            state.graph.replay()
+        else:
+            self._step(state)
+        return state.logits.float()
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _next_tokens(logits: torch.Tensor, *, do_sample: bool, temperature: float, min_p: float | None,
+                     banned: list[int] | None) -> torch.Tensor:
+        """Greedy, or temperature then min_p sampling (the order `generate` applies them)."""
+        if banned:
+            logits = logits.clone()
+            logits[:, banned] = float("-inf")
+        if not do_sample:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if min_p:
+            probs = torch.where(probs >= min_p * probs.max(dim=-1, keepdim=True).values, probs, 0.0)
+        return torch.multinomial(probs, 1).squeeze(1)
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict, *, max_new_tokens: int, min_new_tokens: int = 0, do_sample: bool = True,
+                 temperature: float = 1.0, min_p: float | None = None, num_return_sequences: int = 1,
+                 streamer: Any = None, stopping_criteria: Any = None, use_cache: bool = True) -> torch.Tensor:
+        """Token ids (prompt + answer, one row per sequence), as `model.generate` returns them."""
+        generation_config = self.model.generation_config
+        eos = generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else (eos or [0])[0]
+        prompt = inputs["input_ids"]
+        if prompt.shape[0] != 1:
+            raise FastDecodeUnsupported("one prompt at a time")
+        batch = num_return_sequences
+        state, logits = self._prefill(inputs, batch, max_new_tokens)
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        finished = torch.zeros(batch, dtype=torch.bool)
+        eos_ids = torch.tensor(eos, dtype=torch.long)
+        produced: list[torch.Tensor] = []
+        prompt_length = prompt.shape[1]
+
+        def sequences() -> torch.Tensor:
+            return torch.cat([prompt.cpu().expand(batch, -1), torch.stack(produced, dim=1)], dim=1)
+
+        for step in range(max_new_tokens):
+            tokens = self._next_tokens(logits, do_sample=do_sample, temperature=temperature, min_p=min_p,
+                                       banned=eos if step < min_new_tokens else None).cpu()
+            tokens = torch.where(finished, pad, tokens)  # a finished sequence only pads
+            produced.append(tokens)
+            finished |= torch.isin(tokens, eos_ids)
+            if streamer is not None:
+                streamer.put(tokens)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            if stopping_criteria is not None and bool(torch.as_tensor(stopping_criteria(sequences(), None)).all()):
+                break
+            logits = self._decode(state, tokens.to(self.device), prompt_length + step)
+        if streamer is not None:
+            streamer.end()
+        return sequences().to(prompt.device)
+
+
+    @torch.inference_mode()
+    def teacher_forced_logits(self, inputs: dict, tokens: list[int]) -> torch.Tensor:
+        """Logits after the prompt and after each of `tokens` but the last (float32, one row per step):
+        the fast loop's view of the same sequence that `generate` produced, for comparing the two."""
+        state, logits = self._prefill(inputs, 1, len(tokens))
+        rows = [logits[0]]
+        prompt_length = inputs["input_ids"].shape[1]
+        for step, token in enumerate(tokens[:-1]):
+            rows.append(self._decode(state, torch.tensor([token], device=self.device), prompt_length + step)[0])
+        return torch.stack(rows)
+
+
+def fast_decoder_for(vlm: Any) -> FastDecoder:
+    """The decoder kept on a loaded model (built the first time it is asked for)."""
+    decoder = getattr(vlm, "_fast_decoder", None)
+    if decoder is None or decoder.model is not vlm.model:
+        decoder = FastDecoder(vlm.model)
+        vlm._fast_decoder = decoder
+    return decoder
