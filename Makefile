@@ -9,10 +9,11 @@ PYTEST_ARGS ?=
 
 NOTEBOOKS := $(wildcard notebooks/*.ipynb)
 # The test suite runs on the tiny random checkpoint, offline, with two trials per experiment.
-TEST_ENV := LLAMA_VISION_MODEL=tiny-random LLAMA_VISION_TRIALS=2 HF_HUB_OFFLINE=1
+TEST_ENV := LLAMA_VISION_MODEL=tiny-random LLAMA_VISION_TRIALS=2 HF_HUB_OFFLINE=1 LLAMA_VISION_REQUIRE_BROWSER=1 \
+	GRADIO_ANALYTICS_ENABLED=False
 NBVAL := --nbval --nbval-current-env --nbval-sanitize-with tests/sanitize.cfg
 
-.PHONY: setup test lab app inputs bench notebooks-clean notebooks-run clean
+.PHONY: setup browser test lab app inputs bench notebooks-clean notebooks-run clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +24,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: setup
+# The app's browser test drives Debian's chromium (no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "make test needs chromium for the app's browser test: sudo apt-get install chromium"; exit 1; }
+
+test: setup browser
 	$(TEST_ENV) $(PY) -m pytest tests notebooks $(NBVAL) $(PYTEST_ARGS)
 
 # Strip model outputs, renumber cells, drop stray metadata.
@@ -38,7 +44,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 app: setup
-	$(PY) app.py
+	$(PY) app.py $(APP_ARGS)
 
 inputs: setup
 	$(VENV)/bin/llama-vision inputs

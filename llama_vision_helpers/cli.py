@@ -110,6 +110,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(r.error is None for r in results) else 1
 
 
+def _add_app_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="hub id, folder or tiny-random")
+    parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"])
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a room)")
+    parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
+    parser.add_argument("--share", action="store_true", help="also make a public link (off unless asked)")
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from .app import run_app  # gradio is imported only when the app is asked for
+
+    return run_app(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-vision", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="decode with Hugging Face generate, the fast CUDA-graph loop, or both side by side")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
     bench.set_defaults(handler=cmd_bench)
+
+    app = sub.add_parser("app", help="serve the Gradio chat app")
+    _add_app_options(app)
+    app.set_defaults(handler=cmd_app)
 
     inputs = sub.add_parser("inputs", help="regenerate the input images, ground_truth.json and SOURCES.md")
     inputs.add_argument("--output", default="input", help="folder to write (default: input)")
