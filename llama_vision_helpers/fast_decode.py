@@ -78,7 +78,8 @@ class FastDecoder:
 
     @staticmethod
     def _rms_norm(norm, x):
-        return norm.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=norm.variance_epsilon).to(x.dtype)
+        # one fused kernel; transformers rounds to bf16 before the weight multiply, this rounds once after it
+        return F.rms_norm(x, (x.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
 
     def _self_attention_layer(self, layer, hidden, cos, sin, state: _State, index: int, mask):
         attention, batch = layer.self_attn, hidden.shape[0]
