@@ -162,6 +162,8 @@ def test_the_app_in_a_real_browser(server):
         expect(bot.first).to_contain_text("Please upload an image first", timeout=30_000)
 
         page.locator("input[type=file]").first.set_input_files(str(INPUT / "image_2.jpg"))
+        # the thumbnail appears in the textbox once the upload has finished
+        expect(page.locator('[aria-label="Uploaded files"] img')).to_be_visible(timeout=30_000)
         box.fill("Describe it.")
         box.press("Enter")
         expect(bot).to_have_count(2, timeout=30_000)
