@@ -361,6 +361,90 @@ def random_weights_checkpoint(size: str) -> Path:
     return path
 
 
+def _device_for(name: str, device_map: dict[str, Any]) -> Any:
+    """The device `device_map` gives the module holding parameter `name` (longest matching prefix)."""
+    best = max((prefix for prefix in device_map if prefix == "" or name == prefix or name.startswith(prefix + ".")),
+               key=len)
+    return device_map[best]
+
+
+def random_model_spread(config, devices: list[Any] | None = None, seed: int = 0):
+    """The model with random bf16 weights created in place across `devices` (default: every GPU), with
+    accelerate's device map and hooks, as `device_map="auto"` would place a checkpoint; nothing is written
+    to disk (the 90B model is 177 GB)."""
+    import torch
+    from accelerate import dispatch_model, infer_auto_device_map, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import MllamaForConditionalGeneration
+
+    if devices is None:
+        devices = list(range(torch.cuda.device_count()))
+    with init_empty_weights():
+        model = MllamaForConditionalGeneration(config)
+    if devices == ["cpu"]:
+        device_map: dict[str, Any] = {"": "cpu"}
+    else:
+        max_memory = {d: int(torch.cuda.mem_get_info(d)[1] * 0.9) for d in devices}
+        device_map = infer_auto_device_map(model, max_memory=max_memory, dtype=torch.bfloat16,
+                                           no_split_module_classes=model._no_split_modules)
+    generator = torch.Generator().manual_seed(seed)
+    for name, parameter in list(model.named_parameters()):
+        device = _device_for(name, device_map)
+        value = torch.empty(parameter.shape, dtype=torch.bfloat16, device=device)
+        value.normal_(0.0, 0.02, generator=None if value.is_cuda else generator)
+        set_module_tensor_to_device(model, name, device, value=value, dtype=torch.bfloat16)
+    for name, buffer in list(model.named_buffers()):
+        set_module_tensor_to_device(model, name, _device_for(name, device_map), value=buffer)
+    model.eval()
+    if devices != ["cpu"]:
+        model = dispatch_model(model, device_map=device_map)
+    return model, device_map
+
+
+def bench_spread(size: str, *, new_tokens: int = 64, repeats: int = 2, devices: list[Any] | None = None) -> dict:
+    """Build the `size` architecture with random weights across all GPUs, generate, and report memory per GPU,
+    time to first token and decode speed (Hugging Face generate: the fast loop needs one device)."""
+    import tempfile
+
+    import torch
+    from transformers import AutoProcessor
+
+    from .generation import generate_answers, prepare_inputs, user_message
+    from .model import VisionModel
+    from .tiny import random_config, save_processor, set_generation_config
+
+    folder = Path(tempfile.mkdtemp(prefix="llama-vision-spread-"))
+    config, ids = random_config(folder, size)
+    save_processor(folder, tile_size=config.vision_config.image_size)
+    start = time.perf_counter()
+    model, device_map = random_model_spread(config, devices)
+    set_generation_config(model, ids)
+    build_s = time.perf_counter() - start
+    cuda = torch.cuda.is_available() and devices != ["cpu"]
+    first_device = next(model.parameters()).device
+    vlm = VisionModel(model, AutoProcessor.from_pretrained(folder), "transformers", f"random-{size}", first_device)
+    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
+
+    def run(tokens: int) -> None:
+        generate_answers(vlm, inputs, fast=False, stream=False, seed=0, max_new_tokens=tokens, min_new_tokens=tokens)
+
+    run(4)
+    ttft = median_time(lambda: run(1), repeats)
+    full = median_time(lambda: run(new_tokens), repeats)
+    report = {
+        "size": size, "build_s": build_s, "ttft_s": ttft, "decode_tok_s": (new_tokens - 1) / max(full - ttft, 1e-9),
+        "new_tokens": new_tokens, "devices": sorted({str(d) for d in device_map.values()}),
+        "layers_per_device": {str(d): sum(1 for v in device_map.values() if v == d) for d in set(device_map.values())},
+    }
+    if cuda:
+        report["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        report["memory_gib_per_gpu"] = [round(_gib(torch.cuda.memory_allocated(i)), 2)
+                                        for i in range(torch.cuda.device_count())]
+        report["peak_gib_per_gpu"] = [round(_gib(torch.cuda.max_memory_allocated(i)), 2)
+                                      for i in range(torch.cuda.device_count())]
+    return report
+
+
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--worker":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(_worker(sys.argv[2]))

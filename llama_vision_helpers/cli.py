@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 EXIT_BAD_INPUT = 2
@@ -95,6 +97,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.random_weights):
         raise CliError("give a model (--model) or --random-weights 11b|90b, not both")
+    if args.spread:
+        from .bench import bench_spread
+
+        if not args.random_weights:
+            raise CliError("--spread goes with --random-weights 11b|90b")
+        report = bench_spread(args.random_weights, new_tokens=min(args.new_tokens, 64), repeats=args.repeats)
+        print(json.dumps(report, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2))
+        return 0
     model = str(random_weights_checkpoint(args.random_weights)) if args.random_weights else args.model
     label = args.model or f"random-weights {args.random_weights}"
 
@@ -161,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", nargs="+", default=["generate", "fast"], choices=["generate", "fast"],
                        help="decode with Hugging Face generate, the fast CUDA-graph loop, or both side by side")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
+    bench.add_argument("--spread", action="store_true",
+                       help="with --random-weights: build it in memory across all GPUs (device_map) and time generate")
     bench.set_defaults(handler=cmd_bench)
 
     app = sub.add_parser("app", help="serve the Gradio chat app")

@@ -135,12 +135,23 @@ def _special_ids(path: Path) -> dict[str, int]:
 
 def _save_model_and_processor(model, path: Path, ids: dict[str, int], tile_size: int) -> None:
     """Save weights, generation config, and a processor with the real tiling at `tile_size` pixels a tile."""
-    from transformers import AutoTokenizer, GenerationConfig, MllamaProcessor
-    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+    set_generation_config(model, ids)
+    model.save_pretrained(path)
+    save_processor(path, tile_size)
+
+
+def set_generation_config(model, ids: dict[str, int]) -> None:
+    from transformers import GenerationConfig
 
     eos = [ids["eos"], ids["eom"], ids["eot"]]
     model.generation_config = GenerationConfig(bos_token_id=ids["bos"], eos_token_id=eos, pad_token_id=ids["pad"])
-    model.save_pretrained(path)
+
+
+def save_processor(path: Path, tile_size: int) -> None:
+    """The tokenizer already in `path` plus an image processor tiling at `tile_size` pixels, as a processor."""
+    from transformers import AutoTokenizer, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
     image_processor = MllamaImageProcessorPil(
         size={"height": tile_size, "width": tile_size}, max_image_tiles=4, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
     )
@@ -152,6 +163,20 @@ def _write_marker(path: Path, **facts) -> None:
     (path / "tiny_random.json").write_text(json.dumps({"build_version": BUILD_VERSION, **facts}))
 
 
+def random_config(path: Path, size: str):
+    """The 11B or 90B config using the tiny tokenizer's special ids; writes that tokenizer to `path`."""
+    from .architecture import mllama_config
+
+    path.mkdir(parents=True, exist_ok=True)
+    _build_tokenizer(path)
+    ids = _special_ids(path)
+    config = mllama_config(size)
+    config.text_config.bos_token_id = ids["bos"]
+    config.text_config.eos_token_id = [ids["eos"], ids["eom"], ids["eot"]]
+    config.text_config.pad_token_id = ids["pad"]
+    return config, ids
+
+
 def build_random_checkpoint(path: str | os.PathLike, size: str = "11b", *, device: str = "cuda", seed: int = 0) -> Path:
     """Write the 11B or 90B architecture with random bf16 weights, initialized on `device`, to `path`.
 
@@ -161,16 +186,8 @@ def build_random_checkpoint(path: str | os.PathLike, size: str = "11b", *, devic
     import torch
     from transformers import MllamaForConditionalGeneration
 
-    from .architecture import mllama_config
-
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    _build_tokenizer(path)
-    ids = _special_ids(path)
-    config = mllama_config(size)
-    config.text_config.bos_token_id = ids["bos"]
-    config.text_config.eos_token_id = [ids["eos"], ids["eom"], ids["eot"]]
-    config.text_config.pad_token_id = ids["pad"]
+    config, ids = random_config(path, size)
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
