@@ -434,7 +434,7 @@ def bench_spread(size: str, *, new_tokens: int = 64, repeats: int = 2, devices: 
     report = {
         "size": size, "build_s": build_s, "ttft_s": ttft, "decode_tok_s": (new_tokens - 1) / max(full - ttft, 1e-9),
         "new_tokens": new_tokens, "devices": sorted({str(d) for d in device_map.values()}),
-        "layers_per_device": {str(d): sum(1 for v in device_map.values() if v == d) for d in set(device_map.values())},
+        "device_map_entries": {str(d): sum(1 for v in device_map.values() if v == d) for d in set(device_map.values())},
     }
     if cuda:
         report["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# What was run on the lent GPU machines (no internet there; Python 3.12, torch 2.11 cu130, transformers 5.17.0).
+# Wheels for the gpu extra travel in .whl/ (fetched beforehand with ../shared/device/wheels.sh).
+#   bash tools/gpu_run.sh tests       # the gpu-marked tests: unsloth + bnb 4-bit load, stream, Chat, samples, fast loop
+#   bash tools/gpu_run.sh bench       # 11B random weights: 3 backends x (generate, fast), k = 1, 4, 8, 16
+#   bash tools/gpu_run.sh spread      # 90B random weights in bf16 across every GPU (device_map), generate
+set -euo pipefail
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export LLAMA_VISION_CACHE=${LLAMA_VISION_CACHE:-/tmp/lvc} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+out=${OUT:-results}
+mkdir -p "$out"
+case "${1:-tests}" in
+  tests)  python3 -m pytest -p no:cacheprovider -o addopts="" tests/test_gpu.py -v -rA -s 2>&1 | tee "$out/gpu_tests.log" ;;
+  bench)  python3 -m llama_vision_helpers.cli bench --random-weights 11b --json "$out/bench_11b.json" 2>&1 | tee "$out/bench.log" ;;
+  spread) python3 -m llama_vision_helpers.cli bench --random-weights 90b --spread --new-tokens 32 --repeats 2 \
+            --json "$out/spread_90b.json" ;;
+  *) echo "usage: bash tools/gpu_run.sh tests|bench|spread"; exit 2 ;;
+esac
