@@ -123,8 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_app_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="hub id, folder or tiny-random")
-    parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"])
+    add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a room)")
     parser.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860)")
     parser.add_argument("--share", action="store_true", help="also make a public link (off unless asked)")
