@@ -120,7 +120,8 @@ def generate_answers(
 
     `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
     used as given; only a single answer streams. `fast`: the CUDA-graph decode loop (`fast_decode.py`);
-    None uses it on a CUDA GPU and keeps `generate` elsewhere. Extra keyword arguments go to `generate`.
+    None uses it with the transformers backend on a CUDA GPU and keeps `generate` elsewhere. Extra keyword
+    arguments go to `generate`.
     """
     import torch
     from transformers import set_seed
@@ -153,7 +154,9 @@ def _run_generate(vlm: VisionModel, inputs: Any, kwargs: dict[str, Any], fast: b
     """The fast decode loop where it applies, else `model.generate`."""
     from .fast_decode import SUPPORTED_OPTIONS, FastDecodeUnsupported, fast_decoder_for
 
-    use_fast = fast if fast is not None else vlm.device.type == "cuda"
+    # On by default where it is verified against generate: the transformers backend on a CUDA GPU. With unsloth's
+    # patched model its logits drift from unsloth's own generate on the 11B shape, so there it is opt-in.
+    use_fast = fast if fast is not None else (vlm.device.type == "cuda" and vlm.backend == "transformers")
     if use_fast and set(kwargs) <= SUPPORTED_OPTIONS:
         try:
             return fast_decoder_for(vlm).generate(inputs, **kwargs)
