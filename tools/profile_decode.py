@@ -1,0 +1,66 @@
+"""Where a fast decode step's time goes: kernels per step by kind, against the CUDA-graph step time.
+
+Run on a GPU machine:  python3 tools/profile_decode.py [bf16|bnb4 ...]   (random-weight 11B checkpoint)
+"""
+
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llama_vision_helpers.bench import PROMPT, benchmark_image, median_time, random_weights_checkpoint
+from llama_vision_helpers.fast_decode import FastDecoder
+from llama_vision_helpers.generation import prepare_inputs, user_message
+from llama_vision_helpers.model import load_model
+
+STEPS = 10
+
+
+def kind(name: str) -> str:
+    lowered = name.lower()
+    if any(k in lowered for k in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "dequantize")):
+        return "matrix products (incl. 4-bit dequantize)"
+    if any(k in lowered for k in ("attention", "fmha", "flash", "softmax")):
+        return "attention"
+    return "elementwise, norms, copies, reductions"
+
+
+def profile_backend(path: str, variant: str) -> None:
+    vlm = load_model(path, backend="transformers", load_in_4bit=variant == "bnb4",
+                     dtype=torch.bfloat16 if variant == "bf16" else None)
+    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
+    prompt = inputs["input_ids"].shape[1]
+    token = torch.tensor([5], device=vlm.device)
+    for use_graph in (True, False):
+        decoder = FastDecoder(vlm.model, use_cuda_graph=use_graph)
+        state, _ = decoder._prefill(inputs, 1, 128)
+        for step in range(3):
+            decoder._decode(state, token, prompt + step)
+        seconds = median_time(lambda: decoder._decode(state, token, prompt + 3), 20)
+        print(f"{variant}: one decode step {'replayed from a CUDA graph' if use_graph else 'launched eagerly'}: "
+              f"{1000 * seconds:.2f} ms")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for step in range(STEPS):
+            decoder._decode(state, token, prompt + 3 + step)
+        torch.cuda.synchronize()
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in prof.key_averages():
+        if event.device_type.name != "CUDA" or event.self_device_time_total <= 0:
+            continue
+        totals[kind(event.key)] += event.self_device_time_total / STEPS
+        counts[kind(event.key)] += event.count // STEPS
+    print(f"{variant}: {sum(counts.values())} kernels per step, {sum(totals.values()) / 1000:.2f} ms of GPU time")
+    for name in sorted(totals, key=totals.get, reverse=True):
+        print(f"  {name:45} {counts[name]:5} kernels  {totals[name] / 1000:6.2f} ms")
+    top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:8]
+    for event in top:
+        print(f"    {event.key[:70]:70} {event.count // STEPS:4}x {event.self_device_time_total / STEPS / 1000:6.3f} ms")
+    del vlm
+    torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    checkpoint = str(random_weights_checkpoint("11b"))
+    for variant in sys.argv[1:] or ["bf16", "bnb4"]:
+        profile_backend(checkpoint, variant)
