@@ -84,7 +84,7 @@ def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_
     from transformers import TextIteratorStreamer
 
     text, files = (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
-    _, new_files = content_parts(files) if files and not isinstance(files[0], str) else ([], list(files))
+    new_files = [path for item in files for path in ([item] if isinstance(item, str) else content_parts(item)[1])]
     image_path, turns = conversation(history)
     if new_files and (image_path is not None or len(new_files) > 1):
         yield ONE_IMAGE

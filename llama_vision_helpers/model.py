@@ -122,12 +122,8 @@ def load_model(
     """
     name = resolve_model_name(model_name)
     is_tiny = name == TINY_ALIAS
-    source = str(tiny_checkpoint_path()) if is_tiny else name
     chosen = choose_backend(backend)
     on_gpu = gpu_available()
-    prequantized = is_prequantized(source)
-    if load_in_4bit is None:
-        load_in_4bit = prequantized or chosen == "unsloth"
 
     if chosen == "unsloth":
         if not unsloth_installed():
@@ -140,6 +136,12 @@ def load_model(
                 "backend='unsloth' needs a CUDA or ROCm GPU and none is visible. Use backend='transformers' "
                 "(CPU) or load_model('tiny-random') to try the notebooks without a GPU."
             )
+    if chosen == "unsloth":
+        import unsloth  # noqa: F401  (before transformers is imported, as unsloth asks; only with a GPU)
+    source = str(tiny_checkpoint_path()) if is_tiny else name
+    prequantized = is_prequantized(source)
+    if load_in_4bit is None:
+        load_in_4bit = prequantized or chosen == "unsloth"
     if prequantized and not on_gpu:
         raise ModelLoadError(
             f"{name} is a bitsandbytes 4-bit checkpoint, which needs a GPU. Without one, use "
