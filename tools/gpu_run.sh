@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# What was run on the lent GPU machines (no internet there; Python 3.12, torch 2.11 cu130, transformers 5.17.0).
-# Wheels for the gpu extra travel in .whl/ (fetched beforehand with ../shared/device/wheels.sh).
+# The GPU checks behind the README's numbers, for a GPU machine with PyTorch and transformers 5.17.0 installed.
+# On a machine without internet, put wheels for the gpu extra (unsloth, bitsandbytes and their needs) in .whl/.
 #   bash tools/gpu_run.sh tests       # the gpu-marked tests: unsloth + bnb 4-bit load, stream, Chat, samples, fast loop
 #   bash tools/gpu_run.sh bench       # 11B random weights: 3 backends x (generate, fast), k = 1, 4, 8, 16
 #   bash tools/gpu_run.sh spread      # 90B random weights in bf16 across every GPU (device_map), generate
@@ -12,7 +12,7 @@ else
   export PYTHONPATH=$PWD
 fi
 export LLAMA_VISION_CACHE=${LLAMA_VISION_CACHE:-/tmp/lvc} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-out=${OUT:-results}
+out=${OUT:-results}  # where logs and JSON go
 mkdir -p "$out"
 case "${1:-tests}" in
   tests)  python3 -m pytest -p no:cacheprovider -o addopts="" tests/test_gpu.py -v -rA -s 2>&1 | tee "$out/gpu_tests.log" ;;
