@@ -40,8 +40,11 @@ notebooks-clean: setup
 notebooks-run: setup
 	$(TEST_ENV) $(PY) tools/nbtool.py run $(NOTEBOOKS)
 
+# Jupyter refuses to run as root unless told to (containers, workshop machines)
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
 
 app: setup
 	$(PY) app.py $(APP_ARGS)
