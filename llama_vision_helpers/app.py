@@ -41,10 +41,8 @@ def content_parts(content: Any) -> tuple[list[str], list[str]]:
                 files.append(item["file"]["path"] if isinstance(item["file"], dict) else str(item["file"]))
             elif "path" in item:
                 files.append(item["path"])
-        elif hasattr(item, "path"):
+        elif hasattr(item, "path"):  # a gradio FileData
             files.append(str(item.path))
-        elif hasattr(item, "value") and isinstance(getattr(item, "value"), dict) and "path" in item.value:
-            files.append(item.value["path"])
     return texts, files
 
 

@@ -245,15 +245,12 @@ def _result_from_json(data: dict) -> BenchResult:
 
 
 def run_backend_isolated(model: str, name: str, *, new_tokens: int, samples: tuple[int, ...], repeats: int,
-                         modes: tuple[str, ...] = MODES, timeout: float | None = None) -> list[BenchResult]:
+                         modes: tuple[str, ...] = MODES) -> list[BenchResult]:
     """Run `bench_backend` in a fresh Python process; a crash there becomes an error in the result."""
     payload = json.dumps({"model": model, "name": name, "new_tokens": new_tokens, "samples": list(samples),
                           "repeats": repeats, "modes": list(modes)})
     command = [sys.executable, "-m", "llama_vision_helpers.bench", "--worker", payload]
-    try:
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return [BenchResult(backend=name, model=model, error=f"timed out after {timeout:g} s")]
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True)
     results = [_result_from_json(json.loads(line[len(RESULT_PREFIX):]))
                for line in done.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     return results or [BenchResult(backend=name, model=model, error=f"worker exited with code {done.returncode}")]

@@ -13,8 +13,8 @@ import pytest
 
 from llama_vision_helpers import app as app_module
 from llama_vision_helpers.app import NEED_IMAGE, NOTICE, ONE_IMAGE, content_parts, conversation, respond
-from llama_vision_helpers.generation import assistant_message, generate_answers, prepare_inputs, user_message
-from llama_vision_helpers.images import load_image
+from llama_vision_helpers import Chat
+from llama_vision_helpers.generation import generate_answers
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = ROOT / "input"
@@ -29,14 +29,9 @@ def last(generator):
     return value
 
 
-def expected_answer(vlm, image, questions_and_answers, question, max_new_tokens=16):
-    """What greedy decoding answers for this conversation, computed without the app."""
-    messages = []
-    for index, (q, a) in enumerate(questions_and_answers):
-        messages += [user_message(q, with_image=index == 0), assistant_message(a)]
-    messages.append(user_message(question, with_image=not questions_and_answers))
-    inputs = prepare_inputs(vlm, messages, load_image(image))
-    return generate_answers(vlm, inputs, do_sample=False, max_new_tokens=max_new_tokens)[0]
+def greedy_chat(vlm, image):
+    """The library's own Chat with the app's greedy settings: what the app must answer, turn by turn."""
+    return Chat(vlm, image, stream=False, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"])
 
 
 def test_importing_the_package_does_not_import_gradio():
@@ -75,7 +70,8 @@ def test_answers_stream_and_follow_ups_keep_the_image(vlm):
     chunks = list(respond(vlm, {"text": "Describe it.", "files": [image]}, [], **GREEDY))
     assert len(chunks) >= 1 and all(b.startswith(a) for a, b in zip(chunks, chunks[1:]))
     first = chunks[-1]
-    assert first == expected_answer(vlm, image, [], "Describe it.")
+    chat = greedy_chat(vlm, image)
+    assert first == chat.ask("Describe it.")
     # the notice pair in the history is left out of what the model sees
     history = [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": NEED_IMAGE},
                {"role": "user", "content": [{"type": "file", "file": {"path": image}}]},
@@ -83,7 +79,7 @@ def test_answers_stream_and_follow_ups_keep_the_image(vlm):
                {"role": "assistant", "content": [{"type": "text", "text": first}]}]
     assert conversation(history) == (image, [("Describe it.", first)])
     second = last(respond(vlm, {"text": "What colour is it?", "files": []}, history, **GREEDY))
-    assert second == expected_answer(vlm, image, [("Describe it.", first)], "What colour is it?")
+    assert second == chat.ask("What colour is it?")
 
 
 def test_stopping_ends_generation_early(vlm, monkeypatch):
@@ -131,8 +127,9 @@ def test_four_clients_at_once_each_get_their_own_conversation(vlm, server):
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(converse, jobs))
     for (name, question), (first, follow_up) in zip(jobs, results):
-        assert first == expected_answer(vlm, INPUT / name, [], question)
-        assert follow_up == expected_answer(vlm, INPUT / name, [(question, first)], "Tell me more.")
+        chat = greedy_chat(vlm, INPUT / name)
+        assert first == chat.ask(question)
+        assert follow_up == chat.ask("Tell me more.")
 
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
