@@ -93,12 +93,18 @@ class FastDecoder:
         qk = torch.cat([q, k], dim=1)
         qk = qk * cos + torch.roll(qk, self.head_dim // 2, dims=-1) * sin
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        state.keys[index].index_copy_(2, state.position, k)
-        state.values[index].index_copy_(2, state.position, v)
+        self._write_cache(state, index, k, v)
         out = F.scaled_dot_product_attention(q, state.keys[index], state.values[index], attn_mask=mask,
                                              scale=attention.scaling, enable_gqa=True)
         hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
         return hidden + layer.mlp(self._rms_norm(layer.post_attention_layernorm, hidden))
+
+    @staticmethod
+    def _write_cache(state: _State, index: int, k, v) -> None:
+        """Each row's new key and value go to that row's own position."""
+        where = state.position.view(-1, 1, 1, 1).expand_as(k)
+        state.keys[index].scatter_(2, where, k)
+        state.values[index].scatter_(2, where, v)
 
     def _cross_attention_layer(self, layer, hidden, state: _State, index: int):
         attention, batch = layer.cross_attn, hidden.shape[0]
@@ -116,13 +122,14 @@ class FastDecoder:
     def _step(self, state: _State) -> None:
         """Logits for `state.input_ids` at `state.position`, written into `state.logits` (fixed shapes)."""
         hidden = self.text.embed_tokens(state.input_ids)
-        position_ids = state.position.view(1, 1).expand(state.batch, 1)
+        position_ids = state.position.view(-1, 1).expand(state.batch, 1)
         cos, sin = self.text.rotary_emb(hidden, position_ids)
         half = self.head_dim // 2
         cos, sin = cos.unsqueeze(1), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
         # positions not yet written are masked out with the dtype's most negative value, as transformers does
-        mask = torch.where(state.key_positions <= state.position, 0.0, torch.finfo(hidden.dtype).min)
-        mask = mask.to(hidden.dtype).view(1, 1, 1, -1)
+        # (one row of the mask per sequence: each may be at its own position)
+        mask = torch.where(state.key_positions <= state.position.view(-1, 1), 0.0, torch.finfo(hidden.dtype).min)
+        mask = mask.to(hidden.dtype).view(-1, 1, 1, state.length)
         for index, layer in enumerate(self.text.layers):
             if index in self.cross_layers:
                 if state.cross_mask is not None:
@@ -147,7 +154,7 @@ class FastDecoder:
         state = _State(
             batch=batch, length=length,
             input_ids=torch.zeros((batch, 1), dtype=torch.long, device=self.device),
-            position=torch.zeros(1, dtype=torch.long, device=self.device),
+            position=torch.zeros(batch, dtype=torch.long, device=self.device),
             key_positions=torch.arange(length, device=self.device),
             keys={i: torch.zeros(shape, **kv) for i in self_layers},
             values={i: torch.zeros(shape, **kv) for i in self_layers},
@@ -174,10 +181,18 @@ class FastDecoder:
             self._step(state)
         state.graph = graph
 
-    def _prefill(self, inputs: dict, batch: int, max_new_tokens: int) -> tuple[_State, torch.Tensor]:
-        """Run the prompt (and image) through the model once, fill the fixed buffers, return the last logits."""
+    def image_masks(self, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention mask (rows, 1, 1, vision tokens) and row mask (rows, 1, 1) of every new token:
+        each sees the image as the prompt's last token does."""
         from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
 
+        cross_mask, row_mask = _prepare_cross_attention_mask(
+            inputs["cross_attention_mask"][:, -1:], num_vision_tokens=self.model.model.vision_model.num_patches,
+            dtype=self.dtype)
+        return cross_mask, row_mask[:, 0]
+
+    def _prefill(self, inputs: dict, batch: int, max_new_tokens: int) -> tuple[_State, torch.Tensor]:
+        """Run the prompt (and image) through the model once, fill the fixed buffers, return the last logits."""
         prompt_length = inputs["input_ids"].shape[1]
         length = -(-(prompt_length + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         if length > self.max_positions:
@@ -195,12 +210,9 @@ class FastDecoder:
             for index in self.cross_layers:
                 state.cross_keys[index].copy_(cache.layers[index].keys.expand(batch, -1, -1, -1))
                 state.cross_values[index].copy_(cache.layers[index].values.expand(batch, -1, -1, -1))
-            # every new token sees the image as the last prompt token does
-            cross_mask, row_mask = _prepare_cross_attention_mask(
-                inputs["cross_attention_mask"][:, -1:], num_vision_tokens=self.model.model.vision_model.num_patches,
-                dtype=self.dtype)
+            cross_mask, row_mask = self.image_masks(inputs)
             state.cross_mask.copy_(cross_mask.expand(batch, -1, -1, -1))
-            state.row_mask.copy_(row_mask[:, 0].expand(batch, -1, -1))
+            state.row_mask.copy_(row_mask.expand(batch, -1, -1))
         return state, output.logits[:, -1, :].float().expand(batch, -1)
 
     def _decode(self, state: _State, tokens: torch.Tensor, position: int) -> torch.Tensor:
