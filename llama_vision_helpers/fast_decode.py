@@ -218,13 +218,17 @@ class FastDecoder:
     def _decode(self, state: _State, tokens: torch.Tensor, position: int) -> torch.Tensor:
         state.input_ids.copy_(tokens.view(state.batch, 1))
         state.position.fill_(position)
+        self._run_step(state)
+        return state.logits.float()
+
+    def _run_step(self, state: _State) -> None:
+        """One step on the state's current inputs: the captured graph on CUDA (captured the first time), else eager."""
         if self.use_cuda_graph:
             if state.graph is None:
                 self._capture(state)
             state.graph.replay()
         else:
             self._step(state)
-        return state.logits.float()
 
     # --- the loop -----------------------------------------------------------------------------------
 
