@@ -1,0 +1,299 @@
+"""Continuous batching on the fast decode loop: a fixed set of slots, each holding one request at its own position.
+
+Every slot owns a row of the static buffers: its self-attention keys/values, its image's cross-attention
+keys/values and masks (zeros for a request without an image, which makes the cross-attention layers an identity
+for that row), its next token and position. A request is prefilled by the model as usual (requests whose prompts
+have the same length and kind are prefilled together), its caches are copied into a free slot, and from the next
+step on it decodes together with every other running request: one step of `FastDecoder`'s per-layer code over
+the first `bucket` slots, captured as one CUDA graph per (batch bucket, length bucket, image or not). Sampling
+settings and stop conditions are per request; a finished or cancelled request leaves its slot at once.
+On a CPU the same loop runs without graphs, which is how it is tested against `generate` and against itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .fast_decode import LENGTH_BUCKET, FastDecoder, FastDecodeUnsupported, _State
+
+DEFAULT_SLOT_LENGTH = 4096  # tokens a slot holds (prompt + answer); the buffers are sized for it
+PREFILL_GROUP = 8  # prompts prefilled in one forward pass at most
+MEMORY_RESERVE = 0.12  # of the GPU's memory left free for prefill activations and the graphs' workspaces
+
+
+@dataclass(eq=False)  # a request is itself, not its settings
+class SlotRequest:
+    """One conversation to decode: prepared inputs (one row, from `prepare_inputs`), sampling and stop settings.
+
+    `seed` gives the request its own random stream, so a seeded request samples the same tokens alone or batched.
+    Set `cancelled` (from any thread) to make it leave at the next step.
+    """
+
+    inputs: Any
+    max_new_tokens: int
+    min_new_tokens: int = 0
+    do_sample: bool = False
+    temperature: float = 1.0
+    min_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    tokens: list[int] = field(default_factory=list)  # the answer so far
+    finish_reason: str | None = None  # "stop", "length" or "cancelled" once it has left
+
+    def __post_init__(self) -> None:
+        if self.inputs["input_ids"].shape[0] != 1:
+            raise ValueError("a SlotRequest holds one conversation (inputs with one row)")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be positive when sampling")
+        self.prompt_length = int(self.inputs["input_ids"].shape[1])
+        self.has_image = self.inputs.get("pixel_values") is not None
+        self.generator = torch.Generator()
+        if self.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.seed)
+
+
+@dataclass
+class TokenEvent:
+    """What one step did to one request: a new token (None when cancelled) and, if it left, why."""
+
+    request: SlotRequest
+    token: int | None
+    finish_reason: str | None = None
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """Batch sizes with a graph of their own: powers of two below `max_batch`, and `max_batch`."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_batch:
+        sizes.append(sizes[-1] * 2)
+    return sorted(set(sizes + [max_batch]))
+
+
+def slot_bytes(model: Any, slot_length: int = DEFAULT_SLOT_LENGTH) -> int:
+    """Memory one slot's buffers take: self-attention keys/values for `slot_length` tokens, image keys/values."""
+    config = model.model.language_model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    cross_layers = len(config.cross_attention_layers)
+    self_layers = config.num_hidden_layers - cross_layers
+    per_token = 2 * config.num_key_value_heads * head_dim * model.model.language_model.embed_tokens.weight.element_size()
+    return per_token * (self_layers * slot_length + cross_layers * vision_tokens(model))
+
+
+def vision_tokens(model: Any) -> int:
+    """Cross-attention keys per image: every tile the processor may give, padded, times patches per tile."""
+    return model.config.vision_config.max_num_tiles * model.model.vision_model.num_patches
+
+
+def slots_that_fit(model: Any, slot_length: int = DEFAULT_SLOT_LENGTH, cap: int | None = None) -> int:
+    """How many slots the free GPU memory holds (keeping `MEMORY_RESERVE` of it free), at most `cap`."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return cap or 8
+    free, total = torch.cuda.mem_get_info(device)
+    fit = int((free - MEMORY_RESERVE * total) // slot_bytes(model, slot_length))
+    if fit < 1:
+        raise FastDecodeUnsupported(
+            f"not enough free GPU memory for one decode slot of {slot_length} tokens: use a shorter slot length")
+    return min(fit, cap) if cap else fit
+
+
+class BatchDecoder:
+    """A fixed set of decode slots over one loaded MllamaForConditionalGeneration.
+
+    Drive it from one thread: `admit` requests into free slots (prefill), then `step` (one token for every
+    running request) until `running` is empty; call `admit` again between steps as requests arrive.
+    """
+
+    def __init__(self, model: Any, *, max_batch: int, slot_length: int = DEFAULT_SLOT_LENGTH,
+                 tokenizer: Any = None, use_cuda_graph: bool | None = None) -> None:
+        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph)
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.slot_length = max_batch, min(slot_length, self.fast.max_positions)
+        self.buckets = bucket_sizes(max_batch)
+        eos = model.generation_config.eos_token_id
+        self.eos = [eos] if isinstance(eos, int) else list(eos or [])
+        fast, device = self.fast, self.fast.device
+        kv = dict(dtype=fast.dtype, device=device)
+        text_layers = range(len(fast.text.layers))
+        shape = (max_batch, fast.num_kv_heads, self.slot_length, fast.head_dim)
+        cross_shape = (max_batch, fast.num_kv_heads, vision_tokens(model), fast.head_dim)
+        self.keys = {i: torch.zeros(shape, **kv) for i in text_layers if i not in fast.cross_layers}
+        self.values = {i: torch.zeros(shape, **kv) for i in self.keys}
+        self.cross_keys = {i: torch.zeros(cross_shape, **kv) for i in fast.cross_layers}
+        self.cross_values = {i: torch.zeros(cross_shape, **kv) for i in fast.cross_layers}
+        self.cross_mask = torch.zeros((max_batch, 1, 1, cross_shape[2]), **kv)
+        self.row_mask = torch.zeros((max_batch, 1, 1), **kv)
+        self.input_ids = torch.zeros((max_batch, 1), dtype=torch.long, device=device)
+        self.position = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.logits = torch.zeros((max_batch, model.lm_head.out_features), **kv)
+        self.slots: list[SlotRequest | None] = [None] * max_batch
+        self._states: dict[tuple[int, int, bool], _State] = {}
+
+    # --- slots ----------------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> list[SlotRequest]:
+        return [request for request in self.slots if request is not None]
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots.count(None)
+
+    def _leave(self, row: int, reason: str) -> None:
+        self.slots[row].finish_reason = reason
+        self.slots[row] = None
+
+    # --- prefill --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def admit(self, requests: Sequence[SlotRequest]) -> None:
+        """Prefill `requests` into free slots; they produce their first token at the next `step`."""
+        if len(requests) > self.free_slots:
+            raise ValueError(f"{len(requests)} requests for {self.free_slots} free slots")
+        for request in requests:
+            if request.prompt_length >= self.slot_length:
+                raise ValueError(f"the prompt has {request.prompt_length} tokens; a slot holds {self.slot_length}")
+        groups: dict[tuple[int, bool], list[SlotRequest]] = {}
+        for request in requests:
+            groups.setdefault((request.prompt_length, request.has_image), []).append(request)
+        for group in groups.values():
+            for start in range(0, len(group), PREFILL_GROUP):
+                self._prefill(group[start:start + PREFILL_GROUP])
+
+    def _prefill(self, group: list[SlotRequest]) -> None:
+        """One forward pass over prompts of one length and kind; copy each row's caches into a free slot."""
+        inputs = {name: torch.cat([r.inputs[name] for r in group]) for name in group[0].inputs.keys()}
+        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        cache, length = output.past_key_values, group[0].prompt_length
+        masks = self.fast.image_masks(inputs) if group[0].has_image else None
+        for j, request in enumerate(group):
+            row = self.slots.index(None)
+            self.slots[row] = request
+            for i in self.keys:
+                self.keys[i][row, :, :length].copy_(cache.layers[i].keys[j])
+                self.values[i][row, :, :length].copy_(cache.layers[i].values[j])
+            for i in self.cross_keys:
+                if masks is None:  # zero values: the row's cross-attention output is exactly zero
+                    self.cross_keys[i][row].zero_()
+                    self.cross_values[i][row].zero_()
+                else:
+                    self.cross_keys[i][row].copy_(cache.layers[i].keys[j])
+                    self.cross_values[i][row].copy_(cache.layers[i].values[j])
+            self.cross_mask[row].copy_(masks[0][j]) if masks else self.cross_mask[row].zero_()
+            self.row_mask[row].copy_(masks[1][j]) if masks else self.row_mask[row].zero_()
+            self.logits[row].copy_(output.logits[j, -1])
+
+    # --- one step -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Cancelled requests leave; every running request gets its next token; finished ones leave; the rest
+        go through the model once (so their next logits are ready for the following step)."""
+        events = []
+        for row, request in enumerate(self.slots):
+            if request is not None and request.cancelled.is_set():
+                self._leave(row, "cancelled")
+                events.append(TokenEvent(request, None, "cancelled"))
+        rows = [row for row, request in enumerate(self.slots) if request is not None]
+        if not rows:
+            return events
+        for row, token in zip(rows, self._sample(rows)):
+            request = self.slots[row]
+            request.tokens.append(token)
+            reason = self._finish_reason(request, token)
+            if reason:
+                self._leave(row, reason)
+            events.append(TokenEvent(request, token, reason))
+        if self.running:
+            self._decode()
+        return events
+
+    def _sample(self, rows: list[int]) -> list[int]:
+        """Each row's next token from its logits: greedy, or temperature then min_p and a draw from the
+        request's own generator (one uniform number a row, so a row's draw does not depend on its neighbours)."""
+        requests = [self.slots[row] for row in rows]
+        logits = self.logits[torch.tensor(rows, device=self.logits.device)].float()
+        banned = torch.tensor([len(r.tokens) < r.min_new_tokens for r in requests], device=logits.device)
+        if self.eos and bool(banned.any()):
+            logits[:, self.eos] = torch.where(banned[:, None], float("-inf"), logits[:, self.eos])
+        tokens = logits.argmax(dim=-1)
+        sampling = [r.do_sample for r in requests]
+        if any(sampling):
+            settings = dict(dtype=torch.float32, device=logits.device)
+            temperature = torch.tensor([r.temperature if r.do_sample else 1.0 for r in requests], **settings)
+            min_p = torch.tensor([(r.min_p or 0.0) if r.do_sample else 0.0 for r in requests], **settings)
+            probs = torch.softmax(logits / temperature[:, None], dim=-1)
+            probs = torch.where(probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values, probs, 0.0)
+            cumulative = probs.cumsum(dim=-1)
+            draws = torch.cat([torch.rand(1, generator=r.generator) for r in requests]).to(**settings)
+            sampled = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True)
+            sampled = sampled.squeeze(1).clamp(max=logits.shape[-1] - 1)
+            tokens = torch.where(torch.tensor(sampling, device=logits.device), sampled, tokens)
+        return tokens.tolist()
+
+    def _finish_reason(self, request: SlotRequest, token: int) -> str | None:
+        if token in self.eos or self._hit_stop_string(request):
+            return "stop"
+        if len(request.tokens) >= request.max_new_tokens or request.prompt_length + len(request.tokens) > self.slot_length:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, request: SlotRequest) -> bool:
+        if not request.stop or self.tokenizer is None:
+            return False
+        # every token is at least one character, so the last few tokens hold any stop string that just ended
+        tail = request.tokens[-(max(map(len, request.stop)) + 2):]
+        text = self.tokenizer.decode(tail, skip_special_tokens=True)
+        return any(stop in text for stop in request.stop)
+
+    def _decode(self) -> None:
+        """Feed every running row its last token at its position: one step over the smallest bucket that holds
+        the highest running row (free rows in it decode a dummy token at position 0 of their own rows)."""
+        tokens = torch.zeros(self.max_batch, dtype=torch.long)
+        positions = torch.zeros(self.max_batch, dtype=torch.long)
+        for row, request in enumerate(self.slots):
+            if request is not None:
+                tokens[row] = request.tokens[-1]
+                positions[row] = request.prompt_length + len(request.tokens) - 1
+        top = max(row for row, request in enumerate(self.slots) if request is not None) + 1
+        batch = next(size for size in self.buckets if size >= top)
+        length = min(self.slot_length, -(-(int(positions.max()) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
+        with_image = any(request is not None and request.has_image for request in self.slots[:batch])
+        state = self._state(batch, length, with_image)
+        state.input_ids.copy_(tokens[:batch].view(batch, 1))
+        state.position.copy_(positions[:batch])
+        self.fast._run_step(state)
+
+    def _state(self, batch: int, length: int, with_image: bool) -> _State:
+        """The fast loop's view of the first `batch` slots and `length` cache positions (with its graph)."""
+        key = (batch, length, with_image)
+        if key not in self._states:
+            self._states[key] = _State(
+                batch=batch, length=length, input_ids=self.input_ids[:batch], position=self.position[:batch],
+                key_positions=torch.arange(length, device=self.fast.device),
+                keys={i: k[:batch, :, :length] for i, k in self.keys.items()},
+                values={i: v[:batch, :, :length] for i, v in self.values.items()},
+                cross_keys={i: k[:batch] for i, k in self.cross_keys.items()} if with_image else {},
+                cross_values={i: v[:batch] for i, v in self.cross_values.items()} if with_image else {},
+                cross_mask=self.cross_mask[:batch] if with_image else None,
+                row_mask=self.row_mask[:batch] if with_image else None,
+                logits=self.logits[:batch],
+            )
+        return self._states[key]
+
+    def run(self, requests: Sequence[SlotRequest]) -> list[SlotRequest]:
+        """Decode `requests` to the end, admitting them as slots free up (for scripts and tests)."""
+        waiting = list(requests)
+        while waiting or self.running:
+            joining = min(len(waiting), self.free_slots)
+            self.admit(waiting[:joining])
+            waiting = waiting[joining:]
+            self.step()
+        return list(requests)
