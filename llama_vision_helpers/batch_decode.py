@@ -30,7 +30,8 @@ class SlotRequest:
     """One conversation to decode: prepared inputs (one row, from `prepare_inputs`), sampling and stop settings.
 
     `seed` gives the request its own random stream, so a seeded request samples the same tokens alone or batched.
-    Set `cancelled` (from any thread) to make it leave at the next step.
+    It stops at an end token, at `max_new_tokens`, when its slot is full, or when `cancelled` is set (from any
+    thread; it leaves at the next step): the caller cancels on its own conditions, such as stop strings.
     """
 
     inputs: Any
@@ -40,7 +41,6 @@ class SlotRequest:
     temperature: float = 1.0
     min_p: float | None = None
     seed: int | None = None
-    stop: Sequence[str] = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     tokens: list[int] = field(default_factory=list)  # the answer so far
     finish_reason: str | None = None  # "stop", "length" or "cancelled" once it has left
@@ -112,9 +112,9 @@ class BatchDecoder:
     """
 
     def __init__(self, model: Any, *, max_batch: int, slot_length: int = DEFAULT_SLOT_LENGTH,
-                 tokenizer: Any = None, use_cuda_graph: bool | None = None) -> None:
+                 use_cuda_graph: bool | None = None) -> None:
         self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph)
-        self.model, self.tokenizer = model, tokenizer
+        self.model = model
         self.max_batch, self.slot_length = max_batch, min(slot_length, self.fast.max_positions)
         self.buckets = bucket_sizes(max_batch)
         eos = model.generation_config.eos_token_id
@@ -145,6 +145,12 @@ class BatchDecoder:
     @property
     def free_slots(self) -> int:
         return self.slots.count(None)
+
+    def discard(self, requests: Sequence[SlotRequest]) -> None:
+        """Free the slots of `requests` without a word (their admission failed half-way)."""
+        for row, request in enumerate(self.slots):
+            if any(request is r for r in requests):
+                self.slots[row] = None
 
     def _leave(self, row: int, reason: str) -> None:
         self.slots[row].finish_reason = reason
@@ -239,19 +245,11 @@ class BatchDecoder:
         return tokens.tolist()
 
     def _finish_reason(self, request: SlotRequest, token: int) -> str | None:
-        if token in self.eos or self._hit_stop_string(request):
+        if token in self.eos:
             return "stop"
         if len(request.tokens) >= request.max_new_tokens or request.prompt_length + len(request.tokens) > self.slot_length:
             return "length"
         return None
-
-    def _hit_stop_string(self, request: SlotRequest) -> bool:
-        if not request.stop or self.tokenizer is None:
-            return False
-        # every token is at least one character, so the last few tokens hold any stop string that just ended
-        tail = request.tokens[-(max(map(len, request.stop)) + 2):]
-        text = self.tokenizer.decode(tail, skip_special_tokens=True)
-        return any(stop in text for stop in request.stop)
 
     def _decode(self) -> None:
         """Feed every running row its last token at its position: one step over the smallest bucket that holds

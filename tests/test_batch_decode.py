@@ -100,17 +100,6 @@ def test_sampling_rules_per_row(vlm, mixed):
     assert allowed.sum() > 1
 
 
-def test_a_stop_string_ends_the_request(vlm, mixed):
-    inputs, _ = mixed[2]
-    answer = solo_greedy(vlm, inputs, 30)
-    tokenizer = vlm.processor.tokenizer
-    stop = tokenizer.decode(answer[4:6])
-    decoder = BatchDecoder(vlm.model, max_batch=2, tokenizer=tokenizer)
-    request = decoder.run([SlotRequest(inputs, max_new_tokens=30, stop=[stop])])[0]
-    assert request.finish_reason == "stop" and request.tokens == answer[:len(request.tokens)]
-    assert stop in tokenizer.decode(request.tokens) and stop not in tokenizer.decode(request.tokens[:-1])
-
-
 def test_a_full_slot_ends_with_length(vlm, mixed):
     inputs, _ = mixed[1]
     prompt = inputs["input_ids"].shape[1]

@@ -1,0 +1,113 @@
+"""The engine's batched scheduler: every running request decodes in the slots of one `BatchDecoder`.
+
+Between decode steps the scheduler takes waiting requests from the engine's queue while there are free slots
+(a request with `n` answers takes `n` slots), prefills them, and lets them join at the next step; each new token
+goes to its request (which turns it into text and applies stop strings), and an answer that is over leaves its
+slot at once. While the slots are full, requests wait in the queue and learn their place from it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .batch_decode import DEFAULT_SLOT_LENGTH, BatchDecoder, SlotRequest, TokenEvent, slots_that_fit
+
+if TYPE_CHECKING:
+    from .engine import Engine, Request
+
+DEFAULT_MAX_BATCH = 64  # slots at most, whatever the memory would hold
+
+
+class TooManySamples(ValueError):
+    """A request asks for more answers than there are slots."""
+
+
+class BatchScheduler:
+    """Continuous batching for the engine (see the module's description).
+
+    `max_batch`: slots at most (the free GPU memory may allow fewer; on a CPU this many). `use_cuda_graph`:
+    None captures one graph per batch bucket on CUDA and runs eagerly elsewhere.
+    """
+
+    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH, *, slot_length: int = DEFAULT_SLOT_LENGTH,
+                 use_cuda_graph: bool | None = None) -> None:
+        self.max_batch, self.slot_length, self.use_cuda_graph = max_batch, slot_length, use_cuda_graph
+        self.decoder: BatchDecoder | None = None
+        self._owners: dict[int, tuple[Request, int, SlotRequest]] = {}  # id(slot request) -> answer it serves
+
+    def run(self, engine: Engine) -> None:
+        model = engine.vlm.model
+        self.decoder = BatchDecoder(model, max_batch=slots_that_fit(model, self.slot_length, cap=self.max_batch),
+                                    slot_length=self.slot_length, use_cuda_graph=self.use_cuda_graph)
+        eos = set(self.decoder.eos)
+        held: Request | None = None  # the next request, waiting for enough free slots
+        while True:
+            if held is None and not self.decoder.running:
+                held = engine.queue.take()  # idle: wait for work
+                if held is None:
+                    return  # the engine closed
+            joining, free = [], self.decoder.free_slots
+            while True:
+                if held is None:
+                    held = engine.queue.take_nowait()
+                if held is None:
+                    break
+                if held.sampling.num_samples > self.decoder.max_batch:
+                    held.fail(TooManySamples(f"{held.sampling.num_samples} answers asked for, but this server "
+                                             f"decodes {self.decoder.max_batch} at a time: ask for fewer"))
+                elif held.sampling.num_samples <= free:
+                    free -= held.sampling.num_samples
+                    joining.append(held)
+                else:
+                    break  # it keeps its turn until enough slots are free
+                held = None
+            self._admit(joining)
+            self._cancel_stopped()
+            try:
+                events = self.decoder.step()
+            except Exception as err:  # the step itself failed: every running request is told, the loop goes on
+                self._fail(list({id(r): r for r, _, _ in self._owners.values()}.values()), err)
+                continue
+            for event in events:
+                self._deliver(event, eos)
+
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill the joining requests together (one slot per answer); a failure fails them, nothing else."""
+        slot_requests = []
+        for request in requests:
+            sampling = request.sampling
+            for index in range(sampling.num_samples):
+                slot = SlotRequest(
+                    request.inputs, max_new_tokens=sampling.max_new_tokens,
+                    min_new_tokens=getattr(sampling, "min_new_tokens", 0), do_sample=sampling.do_sample,
+                    temperature=sampling.temperature, min_p=sampling.min_p,
+                    seed=None if sampling.seed is None else sampling.seed + index)
+                self._owners[id(slot)] = (request, index, slot)
+                slot_requests.append(slot)
+        try:
+            self.decoder.admit(slot_requests)
+        except Exception as err:
+            self.decoder.discard(slot_requests)
+            self._fail(requests, err)
+
+    def _cancel_stopped(self) -> None:
+        """Answers that want no more tokens (a stop string, a caller that left) leave at the next step."""
+        for request, index, slot in self._owners.values():
+            if not request.wants_tokens(index):
+                slot.cancelled.set()
+
+    def _deliver(self, event: TokenEvent, eos: set[int]) -> None:
+        request, index, slot = self._owners[id(event.request)]
+        if event.token is not None and event.token not in eos and not request.push_tokens(index, [event.token]):
+            slot.cancelled.set()
+        if event.finish_reason is not None:
+            del self._owners[id(slot)]
+            request.finish(index, event.finish_reason)
+
+    def _fail(self, requests: list[Request], error: BaseException) -> None:
+        for key, (request, _, slot) in list(self._owners.items()):
+            if any(request is r for r in requests):
+                del self._owners[key]
+                self.decoder.discard([slot])
+        for request in requests:
+            request.fail(error)
