@@ -6,6 +6,7 @@ This module knows nothing about how the model was loaded; it only needs a `Visio
 from __future__ import annotations
 
 import copy
+import threading
 import warnings
 from typing import Any, Callable, Union
 
@@ -26,6 +27,15 @@ class ChatError(ValueError):
     """A conversation the model was not trained for (two images, or an image with a system message)."""
 
 
+# The conversation rules, in one place: Chat, the app and the server all check them here.
+SYSTEM_WITH_IMAGE = ("Llama 3.2 Vision does not take a system message together with an image: put the instruction "
+                     "in your first question instead.")
+TWO_IMAGES = ("This conversation already has an image, and the model was trained on one image per conversation: "
+              "start a new conversation for another image.")
+LATE_IMAGE = "The image goes with the first question: start a new conversation with it."
+ROLES = ("system", "user", "assistant")
+
+
 def user_message(text: str, with_image: bool) -> dict:
     """One user turn in the processor's message format; the image placeholder comes before the text."""
     content: list[dict] = [{"type": "image"}] if with_image else []
@@ -35,6 +45,42 @@ def user_message(text: str, with_image: bool) -> dict:
 
 def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
+def _image_count(message: dict) -> int:
+    content = message.get("content")
+    return 0 if isinstance(content, str) else sum(part.get("type") == "image" for part in content or [])
+
+
+def check_conversation(messages: list[dict], has_image: bool) -> None:
+    """Raise ChatError, saying what to do, unless `messages` is a conversation the model was trained for.
+
+    The rules: roles are system, user, assistant; a system message only comes first; at most one image, in the first
+    user turn, and only without a system message; the last turn is the user's question. `has_image` says whether an
+    image comes with the messages (it must then have its placeholder, and the reverse).
+    """
+    if not messages:
+        raise ChatError("The conversation is empty: send at least one user message.")
+    for number, message in enumerate(messages):
+        role = message.get("role")
+        if role not in ROLES:
+            raise ChatError(f"Message {number} has role {role!r}; use one of {', '.join(ROLES)}.")
+        if role == "system" and number != 0:
+            raise ChatError(f"Message {number} is a system message; a system message can only come first.")
+    images = [number for number, message in enumerate(messages) if _image_count(message)]
+    system = messages[0]["role"] == "system"
+    first_user = next((n for n, m in enumerate(messages) if m["role"] == "user"), None)
+    if sum(_image_count(m) for m in messages) > 1:
+        raise ChatError(TWO_IMAGES)
+    if images and system:
+        raise ChatError(SYSTEM_WITH_IMAGE)
+    if images and images[0] != first_user:
+        raise ChatError(LATE_IMAGE)
+    if bool(images) != has_image:
+        raise ChatError("The image and its place in the conversation do not match: give the image with the first "
+                        "user message." if has_image else "The conversation shows an image but none was given.")
+    if messages[-1]["role"] != "user":
+        raise ChatError("The last message must be the user's question; the model answers it.")
 
 
 def render_prompt(processor: Any, messages: list[dict]) -> str:
@@ -84,29 +130,35 @@ def make_streamer(processor: Any, on_text: Callable[[str], Any] | None = None, e
     return CollectingStreamer()
 
 
-def sampling_kwargs(
-    *, max_new_tokens: int, temperature: float, min_p: float, do_sample: bool, num_samples: int
-) -> dict[str, Any]:
-    """Arguments for `generate`; greedy decoding leaves the sampling knobs out."""
+def check_sampling(*, max_new_tokens: int, temperature: float, do_sample: bool, num_samples: int) -> None:
+    """Raise ValueError, saying what to do, for settings no backend can honour."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+    if do_sample and temperature <= 0:
+        raise ValueError("temperature must be positive when sampling; use do_sample=False for greedy decoding.")
+    if not do_sample and num_samples > 1:
+        raise ValueError("Greedy decoding gives the same answer every time: use do_sample=True for num_samples > 1.")
+
+
+def sampling_kwargs(
+    *, max_new_tokens: int, temperature: float, min_p: float, do_sample: bool, num_samples: int
+) -> dict[str, Any]:
+    """Arguments for `generate`; greedy decoding leaves the sampling knobs out."""
+    check_sampling(max_new_tokens=max_new_tokens, temperature=temperature, do_sample=do_sample,
+                   num_samples=num_samples)
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True, "do_sample": do_sample}
     if do_sample:
-        if temperature <= 0:
-            raise ValueError("temperature must be positive when sampling; use do_sample=False for greedy decoding.")
         kwargs.update(temperature=temperature, min_p=min_p, num_return_sequences=num_samples)
-    elif num_samples > 1:
-        raise ValueError("Greedy decoding gives the same answer every time: use do_sample=True for num_samples > 1.")
     return kwargs
 
 
-def generate_answers(
+def generate_token_ids(
     vlm: VisionModel,
     inputs: Any,
     *,
-    stream: StreamTarget = False,
+    streamer: Any = None,
     seed: int | None = None,
     num_samples: int = 1,
     max_new_tokens: int = DEFAULT_SETTINGS["max_new_tokens"],
@@ -115,39 +167,119 @@ def generate_answers(
     do_sample: bool = DEFAULT_SETTINGS["do_sample"],
     fast: bool | None = None,
     **generate_kwargs: Any,
-) -> list[str]:
-    """Run one `generate` call over prepared inputs and return the decoded answers (prompt excluded).
+):
+    """The new token ids (one row per answer, prompt excluded) of one local `generate` or fast-loop call.
 
-    `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
-    used as given; only a single answer streams. `fast`: the CUDA-graph decode loop (`fast_decode.py`);
-    None uses it with the transformers backend on a CUDA GPU and keeps `generate` elsewhere. Extra keyword
-    arguments go to `generate`.
+    `streamer`: a transformers streamer (single answer only). `fast`: the CUDA-graph decode loop
+    (`fast_decode.py`); None uses it with the transformers backend on a CUDA GPU and keeps `generate` elsewhere.
+    Extra keyword arguments go to `generate`.
     """
     import torch
     from transformers import set_seed
-    from transformers.generation.streamers import BaseStreamer
 
     kwargs = sampling_kwargs(
         max_new_tokens=max_new_tokens, temperature=temperature, min_p=min_p, do_sample=do_sample,
         num_samples=num_samples,
     )
     kwargs.update(generate_kwargs)
-    collecting = None
-    if num_samples == 1 and stream is not False and stream is not None:
-        if isinstance(stream, BaseStreamer):
-            kwargs["streamer"] = stream
-        else:
-            collecting = make_streamer(vlm.processor, on_text=stream if callable(stream) else None,
-                                       echo=stream is True)
-            kwargs["streamer"] = collecting
+    if streamer is not None:
+        kwargs["streamer"] = streamer
     if seed is not None:
         set_seed(seed)
     with torch.inference_mode():
         output = _run_generate(vlm, inputs, kwargs, fast)
-    new_tokens = output[:, inputs["input_ids"].shape[1]:]
+    return output[:, inputs["input_ids"].shape[1]:]
+
+
+def generate_answers(
+    vlm: VisionModel,
+    inputs: Any,
+    *,
+    stream: StreamTarget = False,
+    num_samples: int = 1,
+    **settings: Any,
+) -> list[str]:
+    """Run one local generation over prepared inputs and return the decoded answers (prompt excluded).
+
+    `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
+    used as given; only a single answer streams. Other settings as `generate_token_ids`.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    streamer = collecting = None
+    if num_samples == 1 and stream is not False and stream is not None:
+        if isinstance(stream, BaseStreamer):
+            streamer = stream
+        else:
+            streamer = collecting = make_streamer(vlm.processor, on_text=stream if callable(stream) else None,
+                                                  echo=stream is True)
+    new_tokens = generate_token_ids(vlm, inputs, streamer=streamer, num_samples=num_samples, **settings)
     if collecting is not None:
         return [collecting.text]
     return _tokenizer(vlm.processor).batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def stream_callback(stream: StreamTarget) -> tuple[Callable[[str], Any] | None, Callable[[], None]]:
+    """For backends that produce text rather than tokens: (a chunk callback or None, what to call at the end).
+
+    True prints each chunk as it comes and ends the line, as TextStreamer does; a callable gets each chunk.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
+    if stream is True:
+        return (lambda text: print(text, end="", flush=True)), (lambda: print(flush=True))
+    if isinstance(stream, BaseStreamer):
+        raise TypeError("A transformers streamer needs token ids, which only a local model produces: pass "
+                        "stream=True to print, or a function that receives each piece of text.")
+    if callable(stream):
+        return stream, (lambda: None)
+    return None, (lambda: None)
+
+
+def _stop_on(event: threading.Event):
+    """Stopping criteria that end generation once `event` is set (checked after every token)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopOnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
+
+    return StoppingCriteriaList([StopOnEvent()])
+
+
+def answer_messages(
+    vlm: Any,
+    messages: list[dict],
+    image: Any = None,
+    *,
+    stream: StreamTarget = False,
+    seed: int | None = None,
+    num_samples: int = 1,
+    stop_event: threading.Event | None = None,
+    on_position: Callable[[int], Any] | None = None,
+    **settings: Any,
+) -> list[str]:
+    """The answers to a conversation (checked against the rules), from wherever the model runs.
+
+    A model object with an `answers` method (a server behind `remote.RemoteModel`, or a shared `engine.Engine`)
+    gets the messages and image as they are; a locally loaded `VisionModel` tokenizes them here and generates.
+    `stop_event`: set it to stop generating early (the answer so far is returned). `on_position`: called with the
+    place in line while a shared engine makes the request wait.
+    """
+    check_conversation(messages, has_image=image is not None)
+    check_sampling(max_new_tokens=settings.get("max_new_tokens", DEFAULT_SETTINGS["max_new_tokens"]),
+                   temperature=settings.get("temperature", DEFAULT_SETTINGS["temperature"]),
+                   do_sample=settings.get("do_sample", DEFAULT_SETTINGS["do_sample"]), num_samples=num_samples)
+    answers = getattr(vlm, "answers", None)
+    if answers is not None:
+        return answers(messages, image, stream=stream, seed=seed, num_samples=num_samples, stop_event=stop_event,
+                       on_position=on_position, **settings)
+    if stop_event is not None:
+        settings["stopping_criteria"] = _stop_on(stop_event)
+    inputs = prepare_inputs(vlm, messages, image)
+    return generate_answers(vlm, inputs, stream=stream, seed=seed, num_samples=num_samples, **settings)
 
 
 def _run_generate(vlm: VisionModel, inputs: Any, kwargs: dict[str, Any], fast: bool | None):
@@ -171,10 +303,10 @@ def describe_image(
     image: ImageSource,
     instruction: str = DEFAULT_INSTRUCTION,
     *,
-    max_new_tokens: int = 1024,
-    temperature: float = 1.5,
-    min_p: float = 0.1,
-    do_sample: bool = True,
+    max_new_tokens: int = DEFAULT_SETTINGS["max_new_tokens"],
+    temperature: float = DEFAULT_SETTINGS["temperature"],
+    min_p: float = DEFAULT_SETTINGS["min_p"],
+    do_sample: bool = DEFAULT_SETTINGS["do_sample"],
     seed: int | None = None,
     stream: StreamTarget = True,
     num_samples: int = 1,
@@ -182,15 +314,15 @@ def describe_image(
 ) -> str | list[str]:
     """Ask the model one question about one image.
 
-    Returns the answer as a string, or a list of `num_samples` answers drawn in one batched `generate`
-    call. With `stream=True` a single answer is printed as it is generated and the returned string is
-    exactly what was printed (less the final newline).
+    Returns the answer as a string, or a list of `num_samples` answers drawn in one batched call. With
+    `stream=True` a single answer is printed as it is generated and the returned string is exactly what was
+    printed (less the final newline). Works the same on a local model and on a server (`load_model(url)`).
     """
     picture = load_image(image)
-    inputs = prepare_inputs(vlm, [user_message(instruction, with_image=True)], picture)
-    answers = generate_answers(
-        vlm, inputs, stream=stream, seed=seed, num_samples=num_samples, max_new_tokens=max_new_tokens,
-        temperature=temperature, min_p=min_p, do_sample=do_sample, **generate_kwargs,
+    answers = answer_messages(
+        vlm, [user_message(instruction, with_image=True)], picture, stream=stream, seed=seed,
+        num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature, min_p=min_p,
+        do_sample=do_sample, **generate_kwargs,
     )
     return answers if num_samples > 1 else answers[0]
 
@@ -204,10 +336,7 @@ class Chat:
     def __init__(self, vlm: VisionModel, image: ImageSource | None = None, *, system: str | None = None,
                  **settings: Any) -> None:
         if system and image is not None:
-            raise ChatError(
-                "Llama 3.2 Vision does not take a system message together with an image: put the instruction "
-                "in your first question instead."
-            )
+            raise ChatError(SYSTEM_WITH_IMAGE)
         self.vlm = vlm
         self.image = load_image(image) if image is not None else None
         self.system = system
@@ -223,6 +352,11 @@ class Chat:
         """Forget the turns; keep the image and the settings."""
         self._turns = []
 
+    def add_turn(self, question: str, answer: str) -> None:
+        """Record a turn answered elsewhere (an app replaying its history), as `ask` would have."""
+        self._turns.extend([user_message(question, with_image=not self._turns and self.image is not None),
+                            assistant_message(answer)])
+
     def messages(self, question: str, image_given_now: bool = False) -> list[dict]:
         """The full message list for the next question; the image goes in the first user turn only."""
         turns = copy.deepcopy(self._turns)
@@ -233,25 +367,24 @@ class Chat:
         return turns
 
     def ask(self, question: str, image: ImageSource | None = None, **settings: Any) -> str:
-        """Ask a question (optionally giving the image now, if the chat has none yet) and return the answer."""
+        """Ask a question (optionally giving the image now, if the chat has none yet) and return the answer.
+
+        Settings override the chat's for this turn; `stop_event` / `on_position` as in `answer_messages`.
+        """
         new_image = None
         if image is not None:
             if self.image is not None:
-                raise ChatError(
-                    "This chat already has an image; the model was trained on one image per conversation. "
-                    "Start a new Chat (or call reset() and create one) for another image."
-                )
+                raise ChatError(TWO_IMAGES)
             if self._turns:
-                raise ChatError("Give the image with the first question: start a new Chat with it.")
+                raise ChatError(LATE_IMAGE)
             if self.system:
-                raise ChatError("A chat with a system message cannot take an image.")
+                raise ChatError(SYSTEM_WITH_IMAGE)
             new_image = load_image(image)
         picture = new_image if new_image is not None else self.image
         messages = self.messages(question, image_given_now=new_image is not None)
         options = {**self.settings, **settings}
         options.pop("num_samples", None)
-        inputs = prepare_inputs(self.vlm, messages, picture)
-        answer = generate_answers(self.vlm, inputs, **options)[0]
+        answer = answer_messages(self.vlm, messages, picture, **options)[0]
         # Only a successful turn changes the state.
         if new_image is not None:
             self.image = new_image
