@@ -48,7 +48,7 @@ class BatchScheduler:
                     return  # the engine closed
             joining, free = [], self.decoder.free_slots
             while True:
-                if held is None:
+                if held is None and free:  # with no free slot the next request keeps its place in the queue
                     held = engine.queue.take_nowait()
                 if held is None:
                     break

@@ -1,0 +1,110 @@
+"""The engine with the batched scheduler on CPU: concurrent requests get exactly what they get alone."""
+
+import threading
+
+import pytest
+from PIL import Image
+
+from llama_vision_helpers.batch_scheduler import BatchScheduler
+from llama_vision_helpers.engine import Delta, Done, Engine, Failed, Queued, Sampling
+from llama_vision_helpers.generation import answer_messages, user_message
+
+
+def text_of(events, index=0):
+    return "".join(e.text for e in events if isinstance(e, Delta) and e.index == index)
+
+
+@pytest.fixture(scope="module")
+def batched(vlm):
+    engine = Engine(vlm, BatchScheduler(max_batch=3))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def conversations(photo):
+    other = Image.new("RGB", (90, 160), "black")
+    other.paste((250, 200, 10), (10, 30, 70, 120))
+    return [
+        ([user_message("Describe the image.", True)], photo, 20),
+        ([user_message("Tell me a story about a fox and a dog, please.", False)], None, 9),
+        ([user_message("What colour is the square in this picture?", True)], other, 30),
+        ([user_message("Count to ten.", False)], None, 14),
+        ([user_message("Describe the image.", True)], other, 11),
+    ]
+
+
+def solo(vlm, messages, image, max_new_tokens, **settings):
+    """The library's answer, computed alone by `generate` (an independent path)."""
+    return answer_messages(vlm, messages, image, do_sample=False, max_new_tokens=max_new_tokens, **settings)[0]
+
+
+def test_concurrent_greedy_requests_get_their_solo_answers(batched, vlm, conversations):
+    requests = [batched.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
+                for messages, image, n in conversations]  # five requests for three slots
+    for request, (messages, image, n) in zip(requests, conversations):
+        events = list(request)
+        assert isinstance(events[-1], Done) and events[-1].finish_reason in ("stop", "length")
+        assert text_of(events) == solo(vlm, messages, image, n)
+
+
+def test_a_stop_string_and_a_cancel_leave_their_slots(batched, vlm, conversations):
+    messages, image, _ = conversations[0]
+    full = solo(vlm, messages, image, 20)
+    stop = full[4:7]
+    stopped = batched.submit(messages, image, Sampling(max_new_tokens=20, do_sample=False, stop=(stop,)))
+    cancelled = batched.submit(*conversations[1][:2], Sampling(max_new_tokens=400, do_sample=False))
+    others = [batched.submit(m, i, Sampling(max_new_tokens=n, do_sample=False)) for m, i, n in conversations[2:]]
+    for event in cancelled:
+        if isinstance(event, Delta):
+            cancelled.cancel()
+        last = event
+    assert last.finish_reason == "cancelled" and last.completion_tokens < 400
+    events = list(stopped)
+    assert text_of(events) == full[:full.index(stop)] and events[-1].finish_reason == "stop"
+    for request, (m, i, n) in zip(others, conversations[2:]):
+        assert text_of(list(request)) == solo(vlm, m, i, n)
+
+
+def test_a_seeded_request_samples_the_same_alone_and_in_a_crowd(batched, conversations):
+    messages, image, _ = conversations[0]
+    sampled = Sampling(max_new_tokens=12, temperature=1.5, min_p=0.1, seed=11, num_samples=2)
+    alone = list(batched.submit(messages, image, sampled))
+    crowd = [batched.submit(m, i, Sampling(max_new_tokens=n, do_sample=False)) for m, i, n in conversations[1:3]]
+    in_crowd = list(batched.submit(messages, image, sampled))
+    answers = [text_of(alone, 0), text_of(alone, 1)]
+    assert [text_of(in_crowd, 0), text_of(in_crowd, 1)] == answers and answers[0] != answers[1]
+    for other in crowd:
+        list(other)
+
+
+def test_requests_wait_for_a_free_slot_and_learn_their_place(vlm, conversations):
+    gate = threading.Event()
+
+    class Gated(BatchScheduler):
+        def run(self, engine):
+            gate.wait(30)
+            super().run(engine)
+
+    engine = Engine(vlm, Gated(max_batch=1))
+    try:
+        messages, image, _ = conversations[0]
+        requests = [engine.submit(messages, image, Sampling(max_new_tokens=6, do_sample=False)) for _ in range(3)]
+        gate.set()
+        events = [list(request) for request in requests]
+        assert [[e.position for e in ev if isinstance(e, Queued)] for ev in events] == [[1], [2, 1], [3, 2, 1]]
+        assert text_of(events[0]) == text_of(events[1]) == text_of(events[2])
+        too_many = engine.submit(messages, image, Sampling(max_new_tokens=4, num_samples=2))
+        assert "ask for fewer" in str(list(too_many)[-1].error)
+    finally:
+        engine.close()
+
+
+def test_a_failing_request_is_reported_and_the_others_keep_going(batched, vlm, conversations):
+    messages, image, n = conversations[2]
+    good = batched.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
+    bad = batched.prepare(*conversations[0][:2], Sampling(max_new_tokens=5, do_sample=False))
+    bad.inputs["input_ids"][:] = 10**7  # no such token: the prefill raises
+    batched.queue.put(bad)
+    assert isinstance(list(bad)[-1], Failed)
+    assert text_of(list(good)) == solo(vlm, messages, image, n)
