@@ -20,6 +20,7 @@ wants tokens; `Request.finish` ends a row; `Request.fail` ends the whole request
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -420,19 +421,25 @@ class Engine:
         self.scheduler.run(self)
 
     def prepare(self, messages: list[dict], image: Any, sampling: Sampling, *,
-                on_event: Callable[[Event], Any] | None = None) -> Request:
-        """Tokenize and preprocess on the caller's thread; refuse a prompt that does not fit the context."""
+                on_event: Callable[[Event], Any] | None = None, fit_max_tokens: bool = False) -> Request:
+        """Tokenize and preprocess on the caller's thread (not yet queued: `queue.put` it).
+
+        Refuses a prompt that does not fit the context with the answer it asks for; `fit_max_tokens` instead
+        lowers the token limit to what fits (for callers that did not choose one).
+        """
         inputs = prepare_inputs(self.vlm, messages, image)
-        request = Request(inputs, sampling, getattr(self.vlm.processor, "tokenizer", self.vlm.processor),
-                          on_event=on_event)
-        room = self.context_length - request.prompt_tokens
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        room = self.context_length - prompt_tokens
+        if fit_max_tokens and 1 <= room < sampling.max_new_tokens:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
         if room < 1 or sampling.max_new_tokens > room:
             raise PromptTooLong(
-                f"The prompt is {request.prompt_tokens} tokens and asks for up to {sampling.max_new_tokens} more, "
+                f"The prompt is {prompt_tokens} tokens and asks for up to {sampling.max_new_tokens} more, "
                 f"but the model's context holds {self.context_length}: shorten the conversation or ask for at most "
                 f"{max(room, 0)} new tokens."
             )
-        return request
+        tokenizer = getattr(self.vlm.processor, "tokenizer", self.vlm.processor)
+        return Request(inputs, sampling, tokenizer, on_event=on_event)
 
     def submit(self, messages: list[dict], image: Any, sampling: Sampling, *,
                on_event: Callable[[Event], Any] | None = None) -> Request:

@@ -114,13 +114,19 @@ def load_model(
     device_map: str | dict | None = None,
     dtype: Any = None,
 ) -> VisionModel:
-    """Load a Llama 3.2 Vision model and its processor.
+    """Load a Llama 3.2 Vision model and its processor, or connect to a server that runs one.
 
-    `model_name`: a hub id or a local folder; `"tiny-random"` builds and loads the offline tiny checkpoint.
+    `model_name`: a hub id or a local folder; `"tiny-random"` builds and loads the offline tiny checkpoint;
+    an OpenAI-compatible server's URL (`http://host:8000/v1`), `"ollama"` or `"ollama:NAME"` returns a
+    `remote.RemoteModel` that works with the same functions (the other arguments are then the server's business).
     `backend`: "auto", "unsloth" or "transformers". `load_in_4bit`: None means 4-bit for pre-quantized
     checkpoints and for unsloth, full precision otherwise. Raises `ModelLoadError` with what to do.
     """
     name = resolve_model_name(model_name)
+    from .remote import connect, is_remote
+
+    if is_remote(name):
+        return connect(name)
     is_tiny = name == TINY_ALIAS
     chosen = choose_backend(backend)
     on_gpu = gpu_available()
@@ -167,6 +173,33 @@ def load_model(
         )
     device = next(model.parameters()).device
     return VisionModel(model, processor, chosen, name, device, load_in_4bit=load_in_4bit, is_random=is_tiny)
+
+
+def local_processor(vlm: Any) -> Any:
+    """The processor (tokenizer + image processor) of a model, on this machine, without loading weights.
+
+    A local model's own; for a model on a server, the served model's: the tiny model's when it serves tiny-random,
+    else the one under its name (or the 11B's, which every Llama 3.2 Vision model shares) from the local cache.
+    """
+    processor = getattr(vlm, "processor", None)
+    if processor is not None:
+        return processor
+    from transformers import AutoProcessor
+
+    name = vlm.model_name
+    if name == TINY_ALIAS:
+        return AutoProcessor.from_pretrained(tiny_checkpoint_path())
+    failures = []
+    for candidate in dict.fromkeys([name, DEFAULT_MODEL]):
+        try:
+            return AutoProcessor.from_pretrained(candidate)
+        except Exception as err:  # noqa: BLE001  (each is tried; the message below says what to do)
+            failures.append(f"{candidate}: {type(err).__name__}")
+    raise ModelLoadError(
+        f"This needs the tokenizer and image processor of {name} on this machine (a few MB, no weights), and none "
+        f"was found ({'; '.join(failures)}). Fetch them once while online with `hf download {DEFAULT_MODEL} "
+        "--include '*.json'`, or use load_model('tiny-random') for the tiny model's."
+    )
 
 
 def _load_unsloth(source: str, load_in_4bit: bool, dtype: Any):
