@@ -29,7 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .generation import DEFAULT_SETTINGS, check_sampling, prepare_inputs
+from .defaults import DEFAULT_SETTINGS
+from .generation import PromptTooLong, check_fits_context, check_sampling, context_length, prepare_inputs
 from .model import VisionModel
 
 # --- what a request carries -----------------------------------------------------------------------------
@@ -48,8 +49,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, do_sample=self.do_sample,
-                       num_samples=self.num_samples)
+        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, min_p=self.min_p,
+                       do_sample=self.do_sample, num_samples=self.num_samples)
 
 
 @dataclass(frozen=True)
@@ -87,10 +88,6 @@ class Failed:
 Event = Queued | Delta | Done | Failed
 
 
-class PromptTooLong(ValueError):
-    """The prompt and the answer it asks for do not fit in the model's context."""
-
-
 class EngineClosed(RuntimeError):
     """The engine was shut down; nothing more is accepted."""
 
@@ -100,6 +97,9 @@ class EngineBusy(RuntimeError):
 
 
 _ids = itertools.count(1)
+DEFAULT_CONTEXT = 131072  # Llama 3.2's, for a model whose config does not say
+__all__ = ["Delta", "Done", "Engine", "EngineBusy", "EngineClosed", "Event", "Failed", "PromptTooLong", "Queued",
+           "Request", "RequestQueue", "Sampling", "Scheduler", "SerialScheduler"]
 
 
 class _Row:
@@ -408,7 +408,7 @@ class Engine:
         self.vlm = vlm
         self.scheduler = scheduler or SerialScheduler()
         self.queue = RequestQueue(max_waiting)
-        self.context_length = _context_length(vlm)
+        self.context_length = context_length(vlm) or DEFAULT_CONTEXT
         self._thread = threading.Thread(target=self._run, name="llama-vision-engine", daemon=True)
         self._thread.start()
 
@@ -432,12 +432,7 @@ class Engine:
         room = self.context_length - prompt_tokens
         if fit_max_tokens and 1 <= room < sampling.max_new_tokens:
             sampling = dataclasses.replace(sampling, max_new_tokens=room)
-        if room < 1 or sampling.max_new_tokens > room:
-            raise PromptTooLong(
-                f"The prompt is {prompt_tokens} tokens and asks for up to {sampling.max_new_tokens} more, "
-                f"but the model's context holds {self.context_length}: shorten the conversation or ask for at most "
-                f"{max(room, 0)} new tokens."
-            )
+        check_fits_context(self.vlm, prompt_tokens, sampling.max_new_tokens)
         tokenizer = getattr(self.vlm.processor, "tokenizer", self.vlm.processor)
         return Request(inputs, sampling, tokenizer, on_event=on_event)
 
@@ -504,9 +499,3 @@ def _cancel_when_set(stop_event: threading.Event | None, request: Request) -> th
 
     threading.Thread(target=watch, daemon=True).start()
     return finished
-
-
-def _context_length(vlm: VisionModel) -> int:
-    config = getattr(vlm.model, "config", None)
-    text = getattr(config, "text_config", config)
-    return int(getattr(text, "max_position_embeddings", 131072))

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .model import TINY_ALIAS, ModelLoadError
+from .defaults import TINY_ALIAS
+from .model import ModelLoadError
 from .wire import API_KEY_ENV
 
 OLLAMA_URL = "http://localhost:11434/v1"

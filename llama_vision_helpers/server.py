@@ -23,7 +23,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Delta, Done, Engine, EngineBusy, EngineClosed, Failed, PromptTooLong, Queued, Sampling
-from .generation import DEFAULT_SETTINGS, ChatError, check_conversation
+from .defaults import DEFAULT_SETTINGS
+from .generation import ChatError, check_conversation
 from .wire import API_KEY_ENV, DEFAULT_PORT, Limits, WireError, decode_image_url, error_body, from_openai_messages
 
 MAX_STOP = 4
@@ -124,10 +125,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
             engine.queue.put(prepared)
         except WireError as err:
             return JSONResponse(err.body(), status_code=err.status)
-        except ChatError as err:
-            return _error(400, str(err), param="messages", code="invalid_conversation")
         except PromptTooLong as err:
             return _error(400, str(err), param="messages", code="context_length_exceeded")
+        except ChatError as err:
+            return _error(400, str(err), param="messages", code="invalid_conversation")
         except ValueError as err:  # sampling settings the library refuses, with what to do
             return _error(400, str(err), code="invalid_value")
         except EngineBusy as err:
