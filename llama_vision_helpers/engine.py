@@ -174,6 +174,8 @@ class Request:
         self._rows = [_Row(self, i) for i in range(sampling.num_samples)]
         self._open = set(range(sampling.num_samples))
         self._ended = threading.Event()
+        self._on_end: Callable[[Request], Any] | None = None  # the queue's bookkeeping
+        self.error: BaseException | None = None
         self.position: int | None = None  # place in line while queued; None once running
 
     # --- for the caller -----------------------------------------------------------------------------
@@ -220,7 +222,7 @@ class Request:
             self._open.discard(index)
             self._rows[index].finish("cancelled" if self.cancelled else reason)
             if not self._open:
-                self._ended.set()
+                self._end()
 
     def finish_all(self, reason: str) -> None:
         """End every answer still open (a request cancelled before it ran)."""
@@ -231,8 +233,14 @@ class Request:
         """End the request with an error (once)."""
         if not self._ended.is_set():
             self._open.clear()
-            self._ended.set()
+            self.error = error
             self._send(Failed(error))
+            self._end()
+
+    def _end(self) -> None:
+        self._ended.set()
+        if self._on_end is not None:
+            self._on_end(self)
 
     def set_position(self, position: int | None) -> None:
         if position != self.position:
@@ -262,6 +270,8 @@ class RequestQueue:
         self._lock = threading.Condition()
         self.max_waiting = max_waiting
         self.closed = False
+        self.running: set[Request] = set()
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
     def __len__(self) -> int:
         with self._lock:
@@ -299,11 +309,19 @@ class RequestQueue:
                 request.finish_all("cancelled")
                 continue
             request.set_position(None)
+            self.running.add(request)
+            request._on_end = self._finished
             live = (waiting for waiting in self._waiting if not waiting.cancelled)
             for place, waiting in enumerate(live, start=1):
                 waiting.set_position(place)
             return request
         return None
+
+    def _finished(self, request: Request) -> None:
+        with self._lock:
+            self.running.discard(request)
+            outcome = "failed" if request.error else "cancelled" if request.cancelled else "completed"
+            self.counts[outcome] += 1
 
     def close(self) -> None:
         with self._lock:
@@ -444,8 +462,12 @@ class Engine:
         return request
 
     def waiting(self) -> int:
-        """How many requests wait (not counting the one running)."""
+        """How many requests wait (not counting those running)."""
         return len(self.queue)
+
+    def stats(self) -> dict[str, int]:
+        """Requests waiting and running now, and how the others ended (completed, cancelled, failed)."""
+        return {"waiting": len(self.queue), "running": len(self.queue.running), **self.queue.counts}
 
     def close(self, timeout: float | None = 30) -> None:
         """Stop accepting requests, fail the waiting ones, and let the running one finish."""

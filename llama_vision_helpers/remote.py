@@ -77,35 +77,36 @@ class RemoteModel:
             request["extra_body"] = {"min_p": min_p}
         on_text, close = stream_callback(stream)
         with self._explained():
-            if num_samples == 1:
-                text = self._stream_one(request, seed, on_text, stop_event)
-                close()
-                return [text]
-            return self._many(request, seed, num_samples)
+            answers = self._stream(request, seed, num_samples, on_text, stop_event)
+            close()
+            if len(answers) < num_samples and not (stop_event is not None and stop_event.is_set()):
+                answers += self._more(request, seed, len(answers), num_samples)
+        return answers
 
-    def _stream_one(self, request: dict, seed: int | None, on_text, stop_event) -> str:
-        text = ""
-        with self.client.chat.completions.create(**request, seed=seed, stream=True) as events:
+    def _stream(self, request: dict, seed: int | None, num_samples: int, on_text, stop_event) -> list[str]:
+        """One streamed request for all answers (the first goes to `on_text` as it comes)."""
+        texts: dict[int, str] = {}
+        n = {"n": num_samples} if num_samples > 1 and not self.is_ollama else {}
+        with self.client.chat.completions.create(**request, seed=seed, stream=True, **n) as events:
             for chunk in events:
                 if stop_event is not None and stop_event.is_set():
                     break  # closing the stream makes the server stop generating
                 for choice in chunk.choices:
                     piece = choice.delta.content or ""
-                    if piece:
-                        text += piece
-                        if on_text is not None:
-                            on_text(piece)
-        return text
+                    texts[choice.index] = texts.get(choice.index, "") + piece
+                    if piece and choice.index == 0 and on_text is not None:
+                        on_text(piece)
+        return [texts[index] for index in sorted(texts)][:num_samples]
 
-    def _many(self, request: dict, seed: int | None, num_samples: int) -> list[str]:
-        """`n` answers in one request; where the server returns fewer (Ollama has no `n`), ask for the rest."""
+    def _more(self, request: dict, seed: int | None, have: int, num_samples: int) -> list[str]:
+        """Where the server returned fewer answers than asked (Ollama has no `n`), ask for the rest."""
         answers: list[str] = []
-        while len(answers) < num_samples:
-            wanted = num_samples - len(answers)
-            extra = {} if self.is_ollama else {"n": wanted}
+        while have + len(answers) < num_samples:
+            wanted = num_samples - have - len(answers)
+            n = {} if self.is_ollama else {"n": wanted}
             # a repeated request needs its own seed, or a seeded server gives the same answers again
-            next_seed = None if seed is None else seed + len(answers)
-            response = self.client.chat.completions.create(**request, seed=next_seed, **extra)
+            next_seed = None if seed is None else seed + have + len(answers)
+            response = self.client.chat.completions.create(**request, seed=next_seed, **n)
             choices = sorted(response.choices, key=lambda choice: choice.index)[:wanted]
             if not choices:
                 raise ServerError(f"The server at {self.base_url} returned no answer.")

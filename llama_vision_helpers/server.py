@@ -99,7 +99,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": served_name, "waiting": engine.waiting()}
+        return {"status": "ok", "model": served_name, **engine.stats()}
 
     @app.get("/v1/models")
     async def models() -> dict:
