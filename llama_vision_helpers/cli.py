@@ -1,4 +1,5 @@
-"""`llama-vision`: describe an image, chat about it, serve the app, regenerate inputs, benchmark, fit."""
+"""`llama-vision`: describe an image, chat about it, serve the app or an API, check a seat, regenerate inputs,
+benchmark, fit."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ class CliError(Exception):
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: $LLAMA_VISION_MODEL or the 11B 4-bit model)")
+    parser.add_argument("--model", default=None, 
+                        help="hub id, local folder, 'tiny-random', or a server: http://host:8000/v1, 'ollama' "
+                             "(default: $LLAMA_VISION_MODEL or the 11B 4-bit model)")
     parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"])
 
 
@@ -129,6 +132,54 @@ def _add_app_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also make a public link (off unless asked)")
 
 
+def room_url(host: str, port: int) -> str:
+    """The address to give the room: this machine's LAN address when listening on all interfaces."""
+    import socket
+
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.connect(("10.255.255.255", 1))  # picks the outgoing interface; sends nothing
+                host = probe.getsockname()[0]
+        except OSError:
+            host = socket.gethostname()
+    return f"http://{host}:{port}/v1"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    try:
+        from .server import serve
+    except ImportError:
+        raise CliError("the server needs FastAPI and uvicorn: pip install -e .[serve]") from None
+    from .engine import Engine
+    from .remote import is_remote
+    from .wire import API_KEY_ENV, Limits
+
+    if is_remote(args.model):
+        raise CliError("serve runs a model on this machine: give a hub id, a folder or tiny-random, not a URL")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    engine = Engine(_load(args))
+    url = room_url(args.host, args.port)
+    print(f"Serving {engine.model_name} at {url}", file=sys.stderr)
+    print(f"  on each laptop: LLAMA_VISION_MODEL={url}" + (f" {API_KEY_ENV}=<the key>" if api_key else ""),
+          file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print("  warning: anyone who can reach this machine can use it; add --api-key KEY for a room",
+              file=sys.stderr)
+    limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels)
+    serve(engine, host=args.host, port=args.port, api_key=api_key, allow_image_urls=args.allow_image_urls,
+          limits=limits)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import run_doctor
+
+    return run_doctor(args.model)
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from .app import run_app  # gradio is imported only when the app is asked for
 
@@ -180,6 +231,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_app_options(app)
     app.set_defaults(handler=cmd_app)
 
+    from .wire import DEFAULT_PORT, MAX_BODY_MB, MAX_IMAGE_PIXELS
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible API over one loaded model, for a room")
+    add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a room)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` ($LLAMA_VISION_API_KEY)")
+    serve.add_argument("--allow-image-urls", action="store_true",
+                       help="let clients name http(s) images for the server to fetch (off: they send the image)")
+    serve.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body")
+    serve.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image, in pixels")
+    serve.set_defaults(handler=cmd_serve)
+
+    doctor = sub.add_parser("doctor", help="check this seat (or a server) before a session: one line per check")
+    doctor.add_argument("--model", default=None, help="the model to check (default: $LLAMA_VISION_MODEL or the 11B)")
+    doctor.set_defaults(handler=cmd_doctor)
+
     inputs = sub.add_parser("inputs", help="regenerate the input images, ground_truth.json and SOURCES.md")
     inputs.add_argument("--output", default="input", help="folder to write (default: input)")
     inputs.set_defaults(handler=cmd_inputs)
@@ -191,12 +259,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .generation import ChatError
     from .images import ImageLoadError
     from .model import ModelLoadError
+    from .remote import ServerError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (CliError, ImageLoadError, ModelLoadError, ChatError, ValueError, FileNotFoundError) as err:
+    except (CliError, ImageLoadError, ModelLoadError, ChatError, ServerError, ValueError,
+            FileNotFoundError) as err:
         print(f"llama-vision: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

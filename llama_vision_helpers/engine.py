@@ -20,6 +20,7 @@ wants tokens; `Request.finish` ends a row; `Request.fail` ends the whole request
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import queue
 import threading
@@ -28,7 +29,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-from .generation import DEFAULT_SETTINGS, check_sampling, prepare_inputs
+from .defaults import DEFAULT_SETTINGS
+from .generation import PromptTooLong, check_fits_context, check_sampling, context_length, prepare_inputs
 from .model import VisionModel
 
 # --- what a request carries -----------------------------------------------------------------------------
@@ -47,8 +49,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, do_sample=self.do_sample,
-                       num_samples=self.num_samples)
+        check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, min_p=self.min_p,
+                       do_sample=self.do_sample, num_samples=self.num_samples)
 
 
 @dataclass(frozen=True)
@@ -86,10 +88,6 @@ class Failed:
 Event = Queued | Delta | Done | Failed
 
 
-class PromptTooLong(ValueError):
-    """The prompt and the answer it asks for do not fit in the model's context."""
-
-
 class EngineClosed(RuntimeError):
     """The engine was shut down; nothing more is accepted."""
 
@@ -99,6 +97,9 @@ class EngineBusy(RuntimeError):
 
 
 _ids = itertools.count(1)
+DEFAULT_CONTEXT = 131072  # Llama 3.2's, for a model whose config does not say
+__all__ = ["Delta", "Done", "Engine", "EngineBusy", "EngineClosed", "Event", "Failed", "PromptTooLong", "Queued",
+           "Request", "RequestQueue", "Sampling", "Scheduler", "SerialScheduler"]
 
 
 class _Row:
@@ -173,6 +174,8 @@ class Request:
         self._rows = [_Row(self, i) for i in range(sampling.num_samples)]
         self._open = set(range(sampling.num_samples))
         self._ended = threading.Event()
+        self._on_end: Callable[[Request], Any] | None = None  # the queue's bookkeeping
+        self.error: BaseException | None = None
         self.position: int | None = None  # place in line while queued; None once running
 
     # --- for the caller -----------------------------------------------------------------------------
@@ -219,7 +222,7 @@ class Request:
             self._open.discard(index)
             self._rows[index].finish("cancelled" if self.cancelled else reason)
             if not self._open:
-                self._ended.set()
+                self._end()
 
     def finish_all(self, reason: str) -> None:
         """End every answer still open (a request cancelled before it ran)."""
@@ -230,8 +233,14 @@ class Request:
         """End the request with an error (once)."""
         if not self._ended.is_set():
             self._open.clear()
-            self._ended.set()
+            self.error = error
             self._send(Failed(error))
+            self._end()
+
+    def _end(self) -> None:
+        self._ended.set()
+        if self._on_end is not None:
+            self._on_end(self)
 
     def set_position(self, position: int | None) -> None:
         if position != self.position:
@@ -261,6 +270,8 @@ class RequestQueue:
         self._lock = threading.Condition()
         self.max_waiting = max_waiting
         self.closed = False
+        self.running: set[Request] = set()
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
     def __len__(self) -> int:
         with self._lock:
@@ -298,11 +309,19 @@ class RequestQueue:
                 request.finish_all("cancelled")
                 continue
             request.set_position(None)
+            self.running.add(request)
+            request._on_end = self._finished
             live = (waiting for waiting in self._waiting if not waiting.cancelled)
             for place, waiting in enumerate(live, start=1):
                 waiting.set_position(place)
             return request
         return None
+
+    def _finished(self, request: Request) -> None:
+        with self._lock:
+            self.running.discard(request)
+            outcome = "failed" if request.error else "cancelled" if request.cancelled else "completed"
+            self.counts[outcome] += 1
 
     def close(self) -> None:
         with self._lock:
@@ -407,7 +426,7 @@ class Engine:
         self.vlm = vlm
         self.scheduler = scheduler or SerialScheduler()
         self.queue = RequestQueue(max_waiting)
-        self.context_length = _context_length(vlm)
+        self.context_length = context_length(vlm) or DEFAULT_CONTEXT
         self._thread = threading.Thread(target=self._run, name="llama-vision-engine", daemon=True)
         self._thread.start()
 
@@ -420,19 +439,20 @@ class Engine:
         self.scheduler.run(self)
 
     def prepare(self, messages: list[dict], image: Any, sampling: Sampling, *,
-                on_event: Callable[[Event], Any] | None = None) -> Request:
-        """Tokenize and preprocess on the caller's thread; refuse a prompt that does not fit the context."""
+                on_event: Callable[[Event], Any] | None = None, fit_max_tokens: bool = False) -> Request:
+        """Tokenize and preprocess on the caller's thread (not yet queued: `queue.put` it).
+
+        Refuses a prompt that does not fit the context with the answer it asks for; `fit_max_tokens` instead
+        lowers the token limit to what fits (for callers that did not choose one).
+        """
         inputs = prepare_inputs(self.vlm, messages, image)
-        request = Request(inputs, sampling, getattr(self.vlm.processor, "tokenizer", self.vlm.processor),
-                          on_event=on_event)
-        room = self.context_length - request.prompt_tokens
-        if room < 1 or sampling.max_new_tokens > room:
-            raise PromptTooLong(
-                f"The prompt is {request.prompt_tokens} tokens and asks for up to {sampling.max_new_tokens} more, "
-                f"but the model's context holds {self.context_length}: shorten the conversation or ask for at most "
-                f"{max(room, 0)} new tokens."
-            )
-        return request
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        room = self.context_length - prompt_tokens
+        if fit_max_tokens and 1 <= room < sampling.max_new_tokens:
+            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+        check_fits_context(self.vlm, prompt_tokens, sampling.max_new_tokens)
+        tokenizer = getattr(self.vlm.processor, "tokenizer", self.vlm.processor)
+        return Request(inputs, sampling, tokenizer, on_event=on_event)
 
     def submit(self, messages: list[dict], image: Any, sampling: Sampling, *,
                on_event: Callable[[Event], Any] | None = None) -> Request:
@@ -442,8 +462,12 @@ class Engine:
         return request
 
     def waiting(self) -> int:
-        """How many requests wait (not counting the one running)."""
+        """How many requests wait (not counting those running)."""
         return len(self.queue)
+
+    def stats(self) -> dict[str, int]:
+        """Requests waiting and running now, and how the others ended (completed, cancelled, failed)."""
+        return {"waiting": len(self.queue), "running": len(self.queue.running), **self.queue.counts}
 
     def close(self, timeout: float | None = 30) -> None:
         """Stop accepting requests, fail the waiting ones, and let the running one finish."""
@@ -497,9 +521,3 @@ def _cancel_when_set(stop_event: threading.Event | None, request: Request) -> th
 
     threading.Thread(target=watch, daemon=True).start()
     return finished
-
-
-def _context_length(vlm: VisionModel) -> int:
-    config = getattr(vlm.model, "config", None)
-    text = getattr(config, "text_config", config)
-    return int(getattr(text, "max_position_embeddings", 131072))

@@ -1,4 +1,6 @@
+import importlib
 import os
+import sys
 
 import pytest
 from PIL import Image
@@ -24,6 +26,25 @@ def photo():
     return image
 
 
+@pytest.fixture
+def fake_unsloth(tmp_path, monkeypatch):
+    """An installed-looking `unsloth` whose import raises, as the real one does without a GPU.
+
+    With it on the path, code that imports unsloth fails loudly even where unsloth is not installed.
+    Returns the folder to put on PYTHONPATH for a subprocess.
+    """
+    folder = tmp_path / "fake_site"
+    (folder / "unsloth").mkdir(parents=True)
+    (folder / "unsloth" / "__init__.py").write_text(
+        "raise NotImplementedError('unsloth was imported (this fake stands for it on a machine without a GPU)')\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    importlib.invalidate_caches()
+    yield folder
+    sys.modules.pop("unsloth", None)
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -33,3 +54,69 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RunningServer:
+    """`llama-vision serve` on 127.0.0.1 in a subprocess; `url` is its OpenAI base URL."""
+
+    def __init__(self, log_path, *extra: str, env: dict | None = None) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        command = [sys.executable, "-m", "llama_vision_helpers.cli", "serve", "--model", "tiny-random",
+                   "--port", str(self.port), *extra]
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **(env or {})})
+
+    def wait_ready(self, timeout: float = 180) -> "RunningServer":
+        import time
+
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited:\n{open(self.log_path).read()[-3000:]}")
+            try:
+                if httpx.get(self.url.removesuffix("/v1") + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise RuntimeError(f"the server did not start in {timeout:.0f} s:\n{open(self.log_path).read()[-3000:]}")
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except Exception:  # noqa: BLE001
+            self.process.kill()
+        self.log.close()
+
+
+# small limits, so the tests can cross them with small bodies
+SERVER_LIMITS = ("--max-body-mb", "1", "--max-image-pixels", "300000")
+
+
+@pytest.fixture(scope="session")
+def server(vlm, tmp_path_factory):
+    """One server for the session, serving the same tiny checkpoint as `vlm` (same cache folder)."""
+    running = RunningServer(tmp_path_factory.mktemp("server") / "serve.log", *SERVER_LIMITS).wait_ready()
+    yield running
+    running.stop()

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible server, driven by the official openai client, against the library's own answers."""
+
+import base64
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from llama_vision_helpers import Chat, describe_image, load_image
+from llama_vision_helpers.wire import image_data_url
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE = ROOT / "input" / "image_2.jpg"
+QUESTION = "Describe the image accurately."
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+def image_part(image=IMAGE):
+    return {"type": "image_url", "image_url": {"url": image_data_url(load_image(image))}}
+
+
+def ask(question=QUESTION, image=IMAGE):
+    return [{"role": "user", "content": [image_part(image), {"type": "text", "text": question}]}]
+
+
+def greedy(client, messages, **extra):
+    return client.chat.completions.create(model="tiny-random", messages=messages, temperature=0,
+                                          max_tokens=TOKENS, **extra)
+
+
+def test_models_lists_the_served_model(client):
+    assert [model.id for model in client.models.list()] == ["tiny-random"]
+
+
+def test_a_greedy_answer_is_the_library_answer(client, vlm):
+    response = greedy(client, ask())
+    expected = describe_image(vlm, IMAGE, QUESTION, do_sample=False, max_new_tokens=TOKENS, stream=False)
+    assert response.object == "chat.completion" and response.choices[0].message.content == expected
+    choice = response.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
+    assert response.usage.completion_tokens <= TOKENS and response.usage.prompt_tokens > 5
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_streamed_deltas_join_to_the_same_text(client, vlm):
+    expected = describe_image(vlm, IMAGE, QUESTION, do_sample=False, max_new_tokens=TOKENS, stream=False)
+    chunks = list(greedy(client, ask(), stream=True, stream_options={"include_usage": True}))
+    assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens <= TOKENS
+
+
+def test_the_stream_ends_with_done(server):
+    body = {"model": "tiny-random", "messages": ask(), "temperature": 0, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+
+
+def test_n_samples_with_a_seed_are_reproducible_and_the_library_s(client, vlm):
+    def sample():
+        response = client.chat.completions.create(model="tiny-random", messages=ask(), n=3, seed=7, max_tokens=8,
+                                                  temperature=1.5, extra_body={"min_p": 0.1})
+        return [choice.message.content for choice in sorted(response.choices, key=lambda c: c.index)]
+
+    first = sample()
+    assert len(first) == 3 and sample() == first
+    assert first == describe_image(vlm, IMAGE, QUESTION, num_samples=3, seed=7, max_new_tokens=8, stream=False)
+
+
+def test_a_multi_turn_conversation_is_what_chat_gives(client, vlm):
+    chat = Chat(vlm, IMAGE, stream=False, do_sample=False, max_new_tokens=TOKENS)
+    messages = ask("What is in the picture?")
+    for question in ("What is in the picture?", "And the colours?", "Say it in one word."):
+        if question != "What is in the picture?":
+            messages.append({"role": "user", "content": question})
+        answer = greedy(client, messages).choices[0].message.content
+        assert answer == chat.ask(question)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def test_six_concurrent_clients_each_get_their_own_answer(client, vlm):
+    questions = [f"Question {i}: what do you see?" for i in range(6)]
+    images = [IMAGE, ROOT / "input" / "image_1.jpg"] * 3
+    expected = [describe_image(vlm, image, q, do_sample=False, max_new_tokens=TOKENS, stream=False)
+                for q, image in zip(questions, images)]
+
+    def one(index):
+        if index % 2:  # half of them stream
+            chunks = greedy(client, ask(questions[index], images[index]), stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return greedy(client, ask(questions[index], images[index])).choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(one, range(6))) == expected
+    assert len(set(expected)) > 1  # the questions really differ in what they produce
+
+
+def png_data_url(size, color="red"):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def with_image_url(url, text="What is it?"):
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+SMALL = {"type": "image_url", "image_url": {"url": png_data_url((64, 48))}}
+BAD_REQUESTS = {
+    "two images": ([{"role": "user", "content": [SMALL, SMALL, {"type": "text", "text": "Hi"}]}],
+                   {}, 400, "one image per conversation"),
+    "image in a later turn": (
+        [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+         {"role": "user", "content": [SMALL, {"type": "text", "text": "And this?"}]}], {}, 400,
+        "first question"),
+    "system message with an image": ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": [SMALL]}],
+                                     {}, 400,
+                                     "system message"),
+    "an image that does not decode": (with_image_url("data:image/png;base64," + base64.b64encode(b"not a png")
+                                                     .decode()), {}, 400, "could not be read"),
+    "not base64": (with_image_url("data:image/png;base64,@@@"), {}, 400, "base64"),
+    "a web image": (with_image_url("http://127.0.0.1:9/cat.png"), {}, 400, "--allow-image-urls"),
+    "a file URL": (with_image_url("file:///etc/passwd"), {}, 400, "data URL"),
+    "too many pixels": (with_image_url(png_data_url((600, 600))), {}, 400, "at most 300,000"),
+    "a body too large": (with_image_url("data:image/png;base64," + "A" * 1_200_000), {}, 413, "larger than"),
+    "a prompt longer than the context": (ask(), {"max_tokens": 5000}, 400, "context"),
+    "greedy with n": (ask(), {"n": 2, "temperature": 0}, 400, "do_sample=True"),
+    "negative temperature": (ask(), {"temperature": -1}, 400, "temperature"),
+    "min_p above one": (ask(), {"extra_body": {"min_p": 2}}, 400, "min_p"),
+    "an unknown role": ([{"role": "robot", "content": "beep"}], {}, 400, "role"),
+    "no question last": (ask() + [{"role": "assistant", "content": "Hi"}], {}, 400, "last message"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_a_bad_request_gets_its_error_and_the_server_keeps_serving(client, vlm, name):
+    messages, extra, status, words = BAD_REQUESTS[name]
+    with pytest.raises(openai.APIStatusError) as info:
+        client.chat.completions.create(model="tiny-random", messages=messages, **{"max_tokens": 4, **extra})
+    error = info.value
+    assert error.status_code == status
+    assert set(error.body) >= {"message", "type", "param", "code"}  # the client unwraps {"error": {...}}
+    assert words in error.body["message"]
+    # and the next request is answered as usual
+    expected = describe_image(vlm, IMAGE, QUESTION, do_sample=False, max_new_tokens=4, stream=False)
+    assert client.chat.completions.create(model="tiny-random", messages=ask(), temperature=0,
+                                          max_tokens=4).choices[0].message.content == expected
+
+
+def test_invalid_json_is_a_400_with_an_openai_body(server):
+    response = httpx.post(server.url + "/chat/completions", content=b"{not json", timeout=30,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_a_client_that_hangs_up_frees_the_engine(client, server):
+    before = server.health()
+    stream = client.chat.completions.create(model="tiny-random", messages=ask(), max_tokens=3000, stream=True,
+                                            temperature=1.5, seed=1)
+    for count, _ in enumerate(stream):
+        if count == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 60
+    while server.health()["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = server.health()
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+@pytest.fixture(scope="module")
+def keyed_server(vlm):
+    """The API with a key, served in this process on a free port."""
+    import uvicorn
+
+    from conftest import free_port
+    from llama_vision_helpers.engine import Engine
+    from llama_vision_helpers.server import create_app
+
+    engine = Engine(vlm)
+    port = free_port()
+    config = uvicorn.Config(create_app(engine, api_key="s3cret"), host="127.0.0.1", port=port, log_level="warning")
+    uv = uvicorn.Server(config)
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/v1"
+    uv.should_exit = True
+    thread.join(10)
+    engine.close()
+
+
+def test_the_api_key_is_enforced(keyed_server):
+    for key in ("wrong", "s3cret-and-more", ""):
+        with pytest.raises(openai.AuthenticationError) as info:
+            openai.OpenAI(base_url=keyed_server, api_key=key or "x", max_retries=0).models.list()
+        assert "API key" in info.value.body["message"]
+    assert httpx.get(keyed_server + "/models").status_code == 401
+    keyed = openai.OpenAI(base_url=keyed_server, api_key="s3cret", max_retries=0)
+    assert [m.id for m in keyed.models.list()] == ["tiny-random"]
+    assert keyed.chat.completions.create(model="tiny-random", messages=ask(), temperature=0, max_tokens=2).choices
+
+
+def test_the_server_binds_localhost_by_default():
+    from llama_vision_helpers.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).host == "127.0.0.1"
