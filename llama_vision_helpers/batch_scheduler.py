@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from .batch_decode import DEFAULT_SLOT_LENGTH, BatchDecoder, SlotRequest, TokenEvent, slots_that_fit
 
 if TYPE_CHECKING:
-    from .engine import Engine, Request
+    from .engine import Engine, Request, Scheduler
+    from .model import VisionModel
 
 DEFAULT_MAX_BATCH = 64  # slots at most, whatever the memory would hold
 
@@ -79,7 +80,7 @@ class BatchScheduler:
             for index in range(sampling.num_samples):
                 slot = SlotRequest(
                     request.inputs, max_new_tokens=sampling.max_new_tokens,
-                    min_new_tokens=getattr(sampling, "min_new_tokens", 0), do_sample=sampling.do_sample,
+                    min_new_tokens=sampling.min_new_tokens, do_sample=sampling.do_sample,
                     temperature=sampling.temperature, min_p=sampling.min_p,
                     seed=None if sampling.seed is None else sampling.seed + index)
                 self._owners[id(slot)] = (request, index, slot)
@@ -111,3 +112,16 @@ class BatchScheduler:
                 self.decoder.discard([slot])
         for request in requests:
             request.fail(error)
+
+
+def scheduler_for(vlm: VisionModel, max_batch: int | None = None) -> Scheduler:
+    """The engine's scheduler: `max_batch` 1 runs one request at a time (the library's exact answers for a
+    seed); more batches that many at most. None: batched on a CUDA GPU with the transformers backend (where
+    the fast loop is verified), one at a time elsewhere."""
+    from .engine import SerialScheduler
+
+    if max_batch is None:
+        max_batch = DEFAULT_MAX_BATCH if vlm.device.type == "cuda" and vlm.backend == "transformers" else 1
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    return SerialScheduler() if max_batch == 1 else BatchScheduler(max_batch)

@@ -153,6 +153,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .server import serve
     except ImportError:
         raise CliError("the server needs FastAPI and uvicorn: pip install -e .[serve]") from None
+    from .batch_scheduler import scheduler_for
     from .engine import Engine
     from .remote import is_remote
     from .wire import API_KEY_ENV, Limits
@@ -160,7 +161,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_remote(args.model):
         raise CliError("serve runs a model on this machine: give a hub id, a folder or tiny-random, not a URL")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    engine = Engine(_load(args))
+    vlm = _load(args)
+    engine = Engine(vlm, scheduler_for(vlm, args.max_batch))
     url = room_url(args.host, args.port)
     print(f"Serving {engine.model_name} at {url}", file=sys.stderr)
     print(f"  on each laptop: LLAMA_VISION_MODEL={url}" + (f" {API_KEY_ENV}=<the key>" if api_key else ""),
@@ -171,6 +173,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels)
     serve(engine, host=args.host, port=args.port, api_key=api_key, allow_image_urls=args.allow_image_urls,
           limits=limits)
+    return 0
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import os
+
+    import openai
+
+    from .loadtest import format_table, run_loadtest
+    from .wire import API_KEY_ENV
+
+    def report(level: dict) -> None:
+        print(f"{level['clients']} clients: {level['aggregate_tokens_per_s']} tok/s in all, "
+              f"{level['stream_tokens_per_s_p50']} tok/s a stream (p50), TTFT p95 {level['ttft_s_p95']} s",
+              file=sys.stderr)
+
+    for path in args.images or []:
+        if not Path(path).is_file():
+            raise CliError(f"no such image: {path}")
+    try:
+        result = run_loadtest(args.url, args.clients, max_tokens=args.max_tokens, images=args.images,
+                              image_size=args.image_size, text_only=args.text_only, force_length=args.force_length,
+                              temperature=args.temperature, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                              warmup_tokens=args.warmup_tokens, on_level=report)
+    except openai.APIConnectionError as err:
+        raise CliError(f"cannot reach {args.url} ({err}): is the server running, and is the URL its /v1 address?")
+    except openai.APIStatusError as err:
+        raise CliError(f"the server refused the load test's request: {err.message}")
+    print(format_table(result["levels"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -241,8 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-image-urls", action="store_true",
                        help="let clients name http(s) images for the server to fetch (off: they send the image)")
     serve.add_argument("--max-body-mb", type=float, default=MAX_BODY_MB, help="largest request body")
+    serve.add_argument("--max-batch", type=int, default=None,
+                       help="answers decoded together at most (default: as many as the GPU memory holds, up to "
+                            "64, on a CUDA GPU; 1, one request at a time, elsewhere)")
     serve.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image, in pixels")
     serve.set_defaults(handler=cmd_serve)
+
+    loadtest = sub.add_parser("loadtest", help="many clients at once against a server: time to first token, tokens/s")
+    loadtest.add_argument("url", help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    loadtest.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="clients at once, per round")
+    loadtest.add_argument("--max-tokens", type=int, default=128)
+    loadtest.add_argument("--images", nargs="+", default=None,
+                          help="images the clients take in turn (default: a different picture for each client)")
+    loadtest.add_argument("--image-size", type=int, default=1120, help="side of the default pictures, in pixels")
+    loadtest.add_argument("--text-only", action="store_true", help="send no image")
+    loadtest.add_argument("--force-length", action="store_true",
+                          help="ask for exactly --max-tokens tokens (min_tokens; for random weights, which stop early)")
+    loadtest.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    loadtest.add_argument("--api-key", default=None, help="the server's key ($LLAMA_VISION_API_KEY)")
+    loadtest.add_argument("--warmup-tokens", type=int, default=8, help="an untimed round of this many tokens first")
+    loadtest.add_argument("--json", default=None, help="write every request's numbers here")
+    loadtest.set_defaults(handler=cmd_loadtest)
 
     doctor = sub.add_parser("doctor", help="check this seat (or a server) before a session: one line per check")
     doctor.add_argument("--model", default=None, help="the model to check (default: $LLAMA_VISION_MODEL or the 11B)")

@@ -47,8 +47,11 @@ class Sampling:
     num_samples: int = 1
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0  # no end of turn before this many tokens (load tests on random weights)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}")
         check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, min_p=self.min_p,
                        do_sample=self.do_sample, num_samples=self.num_samples)
 
@@ -396,6 +399,7 @@ class SerialScheduler:
             num_samples=sampling.num_samples, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, min_p=sampling.min_p, do_sample=sampling.do_sample,
             stopping_criteria=StoppingCriteriaList([Stop()]),
+            **({"min_new_tokens": sampling.min_new_tokens} if sampling.min_new_tokens else {}),
         )
         for index, row in enumerate(new_tokens.tolist()):
             ended = next((at for at, token in enumerate(row) if token in eos), None)
@@ -449,7 +453,8 @@ class Engine:
         prompt_tokens = int(inputs["input_ids"].shape[1])
         room = self.context_length - prompt_tokens
         if fit_max_tokens and 1 <= room < sampling.max_new_tokens:
-            sampling = dataclasses.replace(sampling, max_new_tokens=room)
+            sampling = dataclasses.replace(sampling, max_new_tokens=room,
+                                           min_new_tokens=min(sampling.min_new_tokens, room))
         check_fits_context(self.vlm, prompt_tokens, sampling.max_new_tokens)
         tokenizer = getattr(self.vlm.processor, "tokenizer", self.vlm.processor)
         return Request(inputs, sampling, tokenizer, on_event=on_event)

@@ -8,8 +8,6 @@ tokens/s after it; per client count: the aggregate tokens/s (all tokens over the
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,15 +43,6 @@ def synthetic_image(index: int, size: int = DEFAULT_IMAGE_SIZE):
     for x in range(0, size, 2 * step):
         draw.rectangle((x, 0, x + step, size), fill=(30 * index % 256, 200, 255 - x * 255 // size))
     return image
-
-
-def data_url(image: Any) -> str:
-    """An image as a `data:` URL, the way the chat API takes it."""
-    from .images import load_image
-
-    buffer = io.BytesIO()
-    load_image(image).save(buffer, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -127,15 +116,18 @@ def run_loadtest(url: str, clients: Sequence[int] = DEFAULT_CLIENTS, *, max_toke
     """
     from openai import AsyncOpenAI
 
+    from .images import load_image
+    from .wire import image_data_url
+
     if not clients or min(clients) < 1:
         raise ValueError("--clients needs one or more counts of at least 1")
     largest = max(clients)
     if text_only:
         urls: list[str | None] = [None]
     elif images:
-        urls = [data_url(path) for path in images]
+        urls = [image_data_url(load_image(path)) for path in images]
     else:
-        urls = [data_url(synthetic_image(i, image_size)) for i in range(largest)]
+        urls = [image_data_url(synthetic_image(i, image_size)) for i in range(largest)]
 
     async def main() -> list[dict]:
         client = AsyncOpenAI(base_url=url, api_key=api_key or "none", timeout=timeout, max_retries=0)

@@ -44,6 +44,7 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     min_p: float | None = Field(None, ge=0, le=1)  # an extension, as vLLM and others take it
+    min_tokens: int | None = Field(None, ge=0)  # an extension (as vLLM's): no end of turn before this many tokens
     stop: str | list[str] | None = None
     stream_options: dict | None = None
 
@@ -58,8 +59,10 @@ class ChatCompletionRequest(BaseModel):
     def sampling(self) -> Sampling:
         """The engine's settings: temperature 0 means greedy; what is not given is the library's default."""
         temperature = DEFAULT_SETTINGS["temperature"] if self.temperature is None else self.temperature
+        max_new_tokens = self.max_completion_tokens or self.max_tokens or DEFAULT_SETTINGS["max_new_tokens"]
         return Sampling(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_SETTINGS["max_new_tokens"],
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min(self.min_tokens or 0, max_new_tokens),
             temperature=temperature if temperature > 0 else 1.0,
             min_p=DEFAULT_SETTINGS["min_p"] if self.min_p is None else self.min_p,
             do_sample=temperature > 0,
