@@ -4,6 +4,7 @@
 #   bash tools/gpu_run.sh tests       # the gpu-marked tests: unsloth + bnb 4-bit load, stream, Chat, samples, fast loop
 #   bash tools/gpu_run.sh bench       # 11B random weights: 3 backends x (generate, fast), k = 1, 4, 8, 16
 #   bash tools/gpu_run.sh spread      # 90B random weights in bf16 across every GPU (device_map), generate
+#   bash tools/gpu_run.sh loadtest    # 11B random weights served: clients 1/8/32, batched engine vs queue, bf16 + bnb4
 set -euo pipefail
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -19,5 +20,6 @@ case "${1:-tests}" in
   bench)  python3 -m llama_vision_helpers.cli bench --random-weights 11b --json "$out/bench_11b.json" 2>&1 | tee "$out/bench.log" ;;
   spread) python3 -m llama_vision_helpers.cli bench --random-weights 90b --spread --new-tokens 32 --repeats 2 \
             --json "$out/spread_90b.json" ;;
-  *) echo "usage: bash tools/gpu_run.sh tests|bench|spread"; exit 2 ;;
+  loadtest) python3 tools/loadtest_gpu.py --out "$out" 2>&1 | tee "$out/loadtest.log" ;;
+  *) echo "usage: bash tools/gpu_run.sh tests|bench|spread|loadtest"; exit 2 ;;
 esac

@@ -1,0 +1,165 @@
+"""The README's room numbers: random-weight 11B served on one GPU, `loadtest` against the batched engine and
+against the one-at-a-time queue, in bf16 and bitsandbytes 4-bit; plus the greedy agreement of batched decoding
+with batch-1 decoding on the same inputs. Each precision loads the model once; each engine is served in this
+process on a free port.
+
+    python3 tools/loadtest_gpu.py --out results/   (needs a CUDA GPU; writes loadtest_gpu.json and a log)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from llama_vision_helpers.batch_decode import BatchDecoder, SlotRequest, slot_bytes, slots_that_fit
+from llama_vision_helpers.batch_scheduler import BatchScheduler
+from llama_vision_helpers.bench import random_weights_checkpoint
+from llama_vision_helpers.engine import Engine, SerialScheduler
+from llama_vision_helpers.generation import prepare_inputs, user_message
+from llama_vision_helpers.loadtest import QUESTION, format_table, run_loadtest, synthetic_image
+from llama_vision_helpers.model import load_model
+from llama_vision_helpers.server import create_app
+
+GIB = 1024**3
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def log(*parts) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def agreement(vlm, requests: int, tokens: int, image_size: int) -> dict:
+    """Greedy tokens of `requests` image prompts decoded together against each decoded alone (same code, batch 1),
+    and the batch-1 decode rate."""
+    inputs = [prepare_inputs(vlm, [user_message(QUESTION, True)], synthetic_image(i, image_size))
+              for i in range(requests)]
+
+    def request(i):
+        return SlotRequest(inputs[i], max_new_tokens=tokens, min_new_tokens=tokens)
+
+    together = BatchDecoder(vlm.model, max_batch=requests).run([request(i) for i in range(requests)])
+    alone, rates = [], []
+    single = BatchDecoder(vlm.model, max_batch=1)
+    for i in range(requests):
+        one = request(i)
+        single.admit([one])
+        single.step()
+        sync()
+        start = time.perf_counter()
+        while single.running:
+            single.step()
+        sync()
+        rates.append((tokens - 1) / (time.perf_counter() - start))
+        alone.append(one)
+    same = [a.tokens == b.tokens for a, b in zip(together, alone)]
+    prefix = [next((k for k, (x, y) in enumerate(zip(a.tokens, b.tokens)) if x != y), tokens)
+              for a, b in zip(together, alone)]
+    positions = sum(x == y for a, b in zip(together, alone) for x, y in zip(a.tokens, b.tokens))
+    del together, single
+    return {"requests": requests, "tokens": tokens, "identical_answers": sum(same),
+            "tokens_equal_fraction": round(positions / (requests * tokens), 4),
+            "mean_tokens_before_first_difference": round(sum(prefix) / requests, 1),
+            "batch1_decode_tokens_per_s_median": round(sorted(rates)[len(rates) // 2], 1)}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serve_and_load(vlm, scheduler, clients: list[int], max_tokens: int, image_size: int) -> dict:
+    """Serve `vlm` through an engine with `scheduler` and run the load test against it."""
+    import uvicorn
+
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    engine = Engine(vlm, scheduler)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    try:
+        result = run_loadtest(f"http://127.0.0.1:{port}/v1", clients, max_tokens=max_tokens, force_length=True,
+                              image_size=image_size,
+                              on_level=lambda level: log(f"  {level['clients']} clients:",
+                                                         {k: v for k, v in level.items() if k != "requests"}))
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        engine.close()
+    result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GIB, 2) if CUDA else None
+    result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2) if CUDA else None
+    decoder = getattr(scheduler, "decoder", None)
+    result["slots"] = decoder.max_batch if decoder is not None else 1
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results")
+    parser.add_argument("--model", default=None, help="default: the random-weight 11B checkpoint")
+    parser.add_argument("--image-size", type=int, default=1120)
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "bnb4"])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--queue-clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--agreement-requests", type=int, default=16)
+    parser.add_argument("--agreement-tokens", type=int, default=48)
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "date": datetime.now(timezone.utc).isoformat(timespec="minutes"),
+              "torch": torch.__version__, "command": " ".join(sys.argv), "runs": {}}
+    checkpoint = args.model or str(random_weights_checkpoint("11b"))
+    for precision in args.precisions:
+        log(f"loading random-weight 11B ({precision})")
+        vlm = load_model(checkpoint, backend="transformers", load_in_4bit=precision == "bnb4",
+                         dtype=torch.bfloat16 if precision == "bf16" else None)
+        run = report["runs"][precision] = {"weights_gib": round(torch.cuda.memory_allocated() / GIB, 2) if CUDA else None,
+                                           "slot_gib": round(slot_bytes(vlm.model) / GIB, 3),
+                                           "slots_that_fit": slots_that_fit(vlm.model)}
+        log(precision, run)
+        try:
+            run["agreement"] = agreement(vlm, args.agreement_requests, args.agreement_tokens, args.image_size)
+            log("agreement", run["agreement"])
+        except Exception as err:  # keep the load tests even if this part fails
+            run["agreement"] = {"error": repr(err)}
+            log("agreement failed:", repr(err))
+        for name, scheduler, clients in [("batched", BatchScheduler(args.max_batch), args.clients),
+                                         ("queue", SerialScheduler(), args.queue_clients)]:
+            log(f"{name}: {getattr(scheduler, 'max_batch', 1)} at a time")
+            try:
+                run[name] = serve_and_load(vlm, scheduler, clients, args.max_tokens, args.image_size)
+            except Exception as err:  # keep what the other runs measure
+                run[name] = {"error": repr(err), "levels": []}
+                log(f"{name} failed:", repr(err))
+            (out / "loadtest_gpu.json").write_text(json.dumps(report, indent=2))
+        for name in ("batched", "queue"):
+            print(f"\n{precision}, {name} (peak {run[name]['peak_allocated_gib']} GiB allocated, "
+                  f"{run[name]['peak_reserved_gib']} GiB reserved):\n{format_table(run[name]['levels'])}", flush=True)
+        del vlm
+        if CUDA:
+            torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
