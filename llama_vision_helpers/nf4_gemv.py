@@ -1,0 +1,261 @@
+"""4-bit matrix-vector products on bitsandbytes' own nf4 layout, dequantized in registers (Triton).
+
+bitsandbytes stores a `Linear4bit` weight of shape (N, K) as N*K/2 bytes, row-major, two weights a byte (the
+high nibble first), each nibble an index into the 16-value NF4 code; every block of 64 weights has a scale
+(`absmax`). With double quantization the scales are themselves bytes: scale = code2[byte] * absmax2[block // 256]
++ offset. Its own kernel for one token reads these weights at about a third of the copy bandwidth; the kernels
+here read the same bytes once, look both nibbles of a byte up at once in a 256-entry table, and apply each
+block's scale once per 64 products. Nothing is repacked, so the answers stay those of bnb's dequantized weights.
+
+`nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
+with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
+says whether they can run for a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+try:  # Triton ships with PyTorch on CUDA machines; without it the decode loop keeps the modules' own forward
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+BLOCK_SIZE = 64  # weights per scale, the only blocksize the kernels read
+NESTED_BLOCK_SIZE = 256  # scales per second-level scale (bitsandbytes' default for double quantization)
+MAX_BATCH = 32
+
+
+class NF4Unsupported(ValueError):
+    """The module's weight is not in the layout the kernels read (the caller keeps the module's forward)."""
+
+
+@dataclass
+class NF4Weight:
+    """One or several bnb nf4 linears with the same input, joined row-wise: (N, K) with N = sum of their outputs.
+
+    `packed`: (N, K/2) uint8. `absmax`: (N*K/64,) uint8 with `code2`/`absmax2`/`offset2` (double quantization)
+    or float32 scales with the three others None. `lut`: 256 int64, the two float32 code values of each byte.
+    `code`: the 16 nf4 values (float32). `splits`: the output sizes of the joined linears, in order.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code2: torch.Tensor | None
+    absmax2: torch.Tensor | None
+    offset2: torch.Tensor | None
+    code: torch.Tensor
+    lut: torch.Tensor
+    n: int
+    k: int
+    splits: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
+        """Read bnb `Linear4bit` modules (same in_features) into one joined weight. With `share_storage` the
+        modules' packed bytes and scales are moved into the joined buffers (the modules then read views of them,
+        same values), so joining costs no memory."""
+        states = [_check_layout(m) for m in modules]
+        k = states[0].shape[1]
+        if any(s.shape[1] != k for s in states):
+            raise NF4Unsupported("joined linears must share their input size")
+        nested = states[0].nested
+        if any(s.nested != nested for s in states):
+            raise NF4Unsupported("joined linears must all use double quantization or none")
+        code = states[0].code.float()
+        if any(not torch.equal(s.code.float(), code) for s in states):
+            raise NF4Unsupported("joined linears must share the nf4 code")
+        packed = torch.cat([m.weight.data.reshape(-1).view(torch.uint8) for m in modules]) if len(modules) > 1 \
+            else modules[0].weight.data.reshape(-1).view(torch.uint8)
+        absmax = torch.cat([s.absmax.reshape(-1) for s in states]) if len(states) > 1 else states[0].absmax.reshape(-1)
+        code2 = absmax2 = offset2 = None
+        if nested:
+            code2 = states[0].state2.code.float()
+            if any(not torch.equal(s.state2.code.float(), code2) for s in states):
+                raise NF4Unsupported("joined linears must share the nested code")
+            absmax2 = torch.cat([s.state2.absmax.float().reshape(-1) for s in states])
+            offset2 = torch.cat([torch.full((s.state2.absmax.numel(),), float(s.offset), device=absmax2.device)
+                                 for s in states])
+        else:
+            absmax = absmax.float()
+        if share_storage and len(modules) > 1:
+            byte_start = block_start = 0
+            for module, state in zip(modules, states):
+                n_bytes, n_blocks = module.weight.data.numel() * module.weight.data.element_size(), state.absmax.numel()
+                module.weight.data = packed[byte_start:byte_start + n_bytes].view(module.weight.dtype) \
+                    .view(module.weight.data.shape)
+                if nested:
+                    state.absmax = absmax[block_start:block_start + n_blocks]
+                byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
+        n = sum(s.shape[0] for s in states)
+        return cls(packed=packed.view(n, k // 2), absmax=absmax, code2=code2, absmax2=absmax2, offset2=offset2,
+                   code=code, lut=_byte_table(code), n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) weight in `dtype`, computed as bitsandbytes does (float32 products, rounded once)."""
+        nibbles = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(self.n, self.k).long()
+        return (self.code[nibbles].view(-1, BLOCK_SIZE) * self.scales().view(-1, 1)).view(self.n, self.k).to(self.dtype)
+
+    def scales(self) -> torch.Tensor:
+        """The float32 scale of each block of 64 weights."""
+        if self.code2 is None:
+            return self.absmax
+        groups = torch.arange(self.absmax.numel(), device=self.absmax.device) // NESTED_BLOCK_SIZE
+        return self.code2[self.absmax.long()] * self.absmax2[groups] + self.offset2[groups]
+
+
+def _check_layout(module: Any) -> Any:
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise NF4Unsupported(f"{type(module).__name__} has no bitsandbytes 4-bit weight")
+    if state.quant_type != "nf4" or state.blocksize != BLOCK_SIZE:
+        raise NF4Unsupported(f"needs nf4 with blocksize {BLOCK_SIZE}, got {state.quant_type}/{state.blocksize}")
+    if len(state.shape) != 2 or state.shape[1] % BLOCK_SIZE:
+        raise NF4Unsupported(f"needs an input size divisible by {BLOCK_SIZE}, got {tuple(state.shape)}")
+    if state.nested and (state.state2.blocksize != NESTED_BLOCK_SIZE or state.absmax.dtype != torch.uint8):
+        raise NF4Unsupported("needs double quantization with 8-bit scales in blocks of 256")
+    if getattr(module, "bias", None) is not None:
+        raise NF4Unsupported("linears with a bias are not supported")
+    return state
+
+
+def _byte_table(code: torch.Tensor) -> torch.Tensor:
+    """256 int64: for byte b, float32 code[b >> 4] in the high word and code[b & 15] in the low word."""
+    bits = code.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
+    b = torch.arange(256, device=code.device)
+    return (bits[b >> 4] << 32) | bits[b & 15]
+
+
+def nf4_kernel_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on `device` (CUDA with Triton installed)."""
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+if triton is not None:
+
+    def _matvec_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
+                for bn, bg, w, s in [(2, 32, 4, 3), (4, 16, 4, 3), (8, 8, 4, 3), (4, 32, 8, 2), (8, 16, 8, 2),
+                                     (16, 8, 8, 2)]]
+
+    def _dot_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
+                for bn, bg, w, s in [(16, 4, 4, 3), (32, 4, 4, 3), (32, 2, 4, 4), (64, 2, 4, 3), (64, 4, 8, 3)]]
+
+    @triton.jit
+    def _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, block, NESTED: tl.constexpr,
+               NESTED_BLOCK: tl.constexpr):
+        if NESTED:
+            q = tl.load(absmax_ptr + block).to(tl.int32)
+            group = block // NESTED_BLOCK
+            return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + group) + tl.load(offset2_ptr + group)
+        else:
+            return tl.load(absmax_ptr + block)
+
+    @triton.jit
+    def _unpack(packed_ptr, lut_ptr, rows, groups, bytes_in_group, half_k):
+        # bytes (BLOCK_N, BLOCK_G, 32) -> the float32 code values of their high and low nibbles
+        offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + bytes_in_group[None, None, :]
+        byte = tl.load(packed_ptr + offsets, eviction_policy="evict_first").to(tl.int32)
+        pair = tl.load(lut_ptr + byte)
+        high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        return high, low
+
+    @triton.jit
+    def _split_pairs(pairs):
+        # int32 holding two bf16 (element 2j in the low half) -> two float32
+        even = (pairs << 16).to(tl.float32, bitcast=True)
+        odd = (pairs & -65536).to(tl.float32, bitcast=True)
+        return even, odd
+
+    @triton.autotune(configs=_matvec_configs(), key=["N", "K"])
+    @triton.jit
+    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, lut_ptr, out_ptr,
+                           N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_G: tl.constexpr):
+        """One token: out[n] = sum_k x[k] * W[n, k]; BLOCK_N rows a program, BLOCK_G blocks of 64 a step."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rows, N - 1)  # the last program recomputes a row rather than masking every load
+        blocks_per_row = K // 64
+        half_k = K // 2
+        bytes_in_group = tl.arange(0, 32)
+        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        for g0 in range(0, blocks_per_row, BLOCK_G):
+            groups = g0 + tl.arange(0, BLOCK_G)
+            high, low = _unpack(packed_ptr, lut_ptr, rows, groups, bytes_in_group, half_k)
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + bytes_in_group[None, :])
+            even, odd = _split_pairs(pairs)
+            partial = tl.sum(high * even[None, :, :] + low * odd[None, :, :], axis=2)
+            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
+                           rows[:, None] * blocks_per_row + groups[None, :], NESTED, NESTED_BLOCK)
+            acc += partial * scale
+        out = tl.sum(acc, axis=1)
+        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
+
+    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"])
+    @triton.jit
+    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, lut_ptr, out_ptr,
+                           M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """A few tokens (2..32): weights dequantized to bf16 in registers, products on the tensor cores."""
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rows, N - 1)
+        tokens = tl.arange(0, BLOCK_M)
+        token_rows = tl.minimum(tokens, M - 1)
+        blocks_per_row = K // 64
+        half_k = K // 2
+        bytes_in_group = tl.arange(0, 32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for g0 in range(0, blocks_per_row, BLOCK_G):
+            groups = g0 + tl.arange(0, BLOCK_G)
+            high, low = _unpack(packed_ptr, lut_ptr, rows, groups, bytes_in_group, half_k)
+            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
+                           rows[:, None] * blocks_per_row + groups[None, :], NESTED, NESTED_BLOCK)
+            # bitsandbytes' dequantized weight: float32 product rounded once to bf16
+            high = tl.reshape((high * scale[:, :, None]).to(tl.bfloat16), (BLOCK_N, BLOCK_G * 32))
+            low = tl.reshape((low * scale[:, :, None]).to(tl.bfloat16), (BLOCK_N, BLOCK_G * 32))
+            columns = g0 * 32 + tl.arange(0, BLOCK_G * 32)
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + token_rows[:, None] * half_k + columns[None, :])
+            even, odd = _split_pairs(pairs)
+            acc = tl.dot(even.to(tl.bfloat16), tl.trans(high), acc)
+            acc = tl.dot(odd.to(tl.bfloat16), tl.trans(low), acc)
+        offsets = tokens[:, None] * N + rows[None, :]
+        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (rows[None, :] < N))
+
+
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
+
+    The decode paths call this for every 4-bit linear (or joined group of linears) of a step; up to
+    MAX_BATCH tokens at once."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"nf4_matmul reads bf16 activations, got {x.dtype}")
+    shape = x.shape
+    x2 = x.reshape(-1, weight.k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_BATCH:
+        return torch.cat([nf4_matmul(chunk, weight) for chunk in x2.split(MAX_BATCH)]).view(*shape[:-1], weight.n)
+    out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
+    nested = weight.code2 is not None
+    args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
+            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.lut, out)
+    if m == 1:
+        grid = lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]),)  # noqa: E731
+        _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE)
+    else:
+        grid = lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]),)  # noqa: E731
+        _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
+                                 BLOCK_M=16 if m <= 16 else 32)
+    return out.view(*shape[:-1], weight.n)
