@@ -233,11 +233,11 @@ if triton is not None:
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (rows[None, :] < N))
 
 
-def nf4_matmul(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
 
     The decode paths call this for every 4-bit linear (or joined group of linears) of a step; up to
-    MAX_BATCH tokens at once."""
+    MAX_BATCH tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into."""
     if x.dtype != torch.bfloat16:
         raise TypeError(f"nf4_matmul reads bf16 activations, got {x.dtype}")
     shape = x.shape
@@ -245,9 +245,12 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if m > MAX_BATCH:
+    if m > MAX_BATCH and out is None:
         return torch.cat([nf4_matmul(chunk, weight) for chunk in x2.split(MAX_BATCH)]).view(*shape[:-1], weight.n)
-    out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
+    if m > MAX_BATCH:
+        raise ValueError(f"nf4_matmul writes at most {MAX_BATCH} tokens into `out`")
+    if out is None:
+        out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
     nested = weight.code2 is not None
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
             weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.lut, out)
@@ -259,3 +262,21 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
                                  BLOCK_M=16 if m <= 16 else 32)
     return out.view(*shape[:-1], weight.n)
+
+
+def random_nf4_linear(n: int, k: int, device: torch.device | str = "cuda", *, double_quant: bool = True,
+                      quant_type: str = "nf4", blocksize: int = BLOCK_SIZE) -> Any:
+    """A bitsandbytes `Linear4bit` (k -> n) with random weights quantized as `load_model(load_in_4bit=True)`
+    quantizes them, for checks and benchmarks."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02
+    module = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=double_quant,
+                               quant_type=quant_type, device="meta")
+    packed, state = bf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=quant_type)
+    module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+                                      compress_statistics=double_quant, quant_type=quant_type, bnb_quantized=True,
+                                      module=module)
+    return module
