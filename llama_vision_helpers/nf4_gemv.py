@@ -40,8 +40,7 @@ class NF4Weight:
     """One or several bnb nf4 linears with the same input, joined row-wise: (N, K) with N = sum of their outputs.
 
     `packed`: (N, K/2) uint8. `absmax`: (N*K/64,) uint8 with `code2`/`absmax2`/`offset2` (double quantization)
-    or float32 scales with the three others None. `lut`: 256 int64, the two float32 code values of each byte.
-    `code`: the 16 nf4 values (float32). `splits`: the output sizes of the joined linears, in order.
+    or float32 scales with the three others None. `code`: the 16 nf4 values (float32). `splits`: the output sizes of the joined linears, in order.
     """
 
     packed: torch.Tensor
@@ -50,7 +49,6 @@ class NF4Weight:
     absmax2: torch.Tensor | None
     offset2: torch.Tensor | None
     code: torch.Tensor
-    lut: torch.Tensor
     n: int
     k: int
     splits: tuple[int, ...]
@@ -95,7 +93,7 @@ class NF4Weight:
                 byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
         n = sum(s.shape[0] for s in states)
         return cls(packed=packed.view(n, k // 2), absmax=absmax, code2=code2, absmax2=absmax2, offset2=offset2,
-                   code=code, lut=_byte_table(code), n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype)
+                   code=code, n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) weight in `dtype`, computed as bitsandbytes does (float32 products, rounded once)."""
@@ -126,13 +124,6 @@ def _check_layout(module: Any) -> Any:
     return state
 
 
-def _byte_table(code: torch.Tensor) -> torch.Tensor:
-    """256 int64: for byte b, float32 code[b >> 4] in the high word and code[b & 15] in the low word."""
-    bits = code.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
-    b = torch.arange(256, device=code.device)
-    return (bits[b >> 4] << 32) | bits[b & 15]
-
-
 def nf4_kernel_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on `device` (CUDA with Triton installed)."""
     return triton is not None and torch.device(device).type == "cuda"
@@ -146,8 +137,8 @@ if triton is not None:
                                      (16, 8, 8, 2)]]
 
     def _dot_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
-                for bn, bg, w, s in [(16, 4, 4, 3), (32, 4, 4, 3), (32, 2, 4, 4), (64, 2, 4, 3), (64, 4, 8, 3)]]
+        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bn, w, s in [(32, 4, 4), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]]
 
     @triton.jit
     def _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, block, NESTED: tl.constexpr,
@@ -160,14 +151,9 @@ if triton is not None:
             return tl.load(absmax_ptr + block)
 
     @triton.jit
-    def _unpack(packed_ptr, lut_ptr, rows, groups, bytes_in_group, half_k):
-        # bytes (BLOCK_N, BLOCK_G, 32) -> the float32 code values of their high and low nibbles
-        offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + bytes_in_group[None, None, :]
-        byte = tl.load(packed_ptr + offsets, eviction_policy="evict_first").to(tl.int32)
-        pair = tl.load(lut_ptr + byte)
-        high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        low = pair.to(tl.int32).to(tl.float32, bitcast=True)
-        return high, low
+    def _nibbles(byte, code_ptr):
+        # the 16 float32 code values fill one cache line, so each look-up is one pass through L1
+        return tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))
 
     @triton.jit
     def _split_pairs(pairs):
@@ -178,7 +164,7 @@ if triton is not None:
 
     @triton.autotune(configs=_matvec_configs(), key=["N", "K"])
     @triton.jit
-    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, lut_ptr, out_ptr,
+    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
                            N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_G: tl.constexpr):
         """One token: out[n] = sum_k x[k] * W[n, k]; BLOCK_N rows a program, BLOCK_G blocks of 64 a step."""
@@ -187,12 +173,14 @@ if triton is not None:
         rows = tl.minimum(rows, N - 1)  # the last program recomputes a row rather than masking every load
         blocks_per_row = K // 64
         half_k = K // 2
-        bytes_in_group = tl.arange(0, 32)
+        j = tl.arange(0, 32)
         acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         for g0 in range(0, blocks_per_row, BLOCK_G):
             groups = g0 + tl.arange(0, BLOCK_G)
-            high, low = _unpack(packed_ptr, lut_ptr, rows, groups, bytes_in_group, half_k)
-            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + bytes_in_group[None, :])
+            offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + j[None, None, :]
+            byte = tl.load(packed_ptr + offsets, eviction_policy="evict_first").to(tl.int32)
+            high, low = _nibbles(byte, code_ptr)
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :])
             even, odd = _split_pairs(pairs)
             partial = tl.sum(high * even[None, :, :] + low * odd[None, :, :], axis=2)
             scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
@@ -203,10 +191,11 @@ if triton is not None:
 
     @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"])
     @triton.jit
-    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, lut_ptr, out_ptr,
+    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
                            M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """A few tokens (2..32): weights dequantized to bf16 in registers, products on the tensor cores."""
+                           BLOCK_N: tl.constexpr):
+        """A few tokens (2..32): one block of 64 weights a step for BLOCK_N rows, dequantized to bf16 in
+        registers (as bitsandbytes rounds them), products on the tensor cores."""
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
@@ -214,21 +203,18 @@ if triton is not None:
         token_rows = tl.minimum(tokens, M - 1)
         blocks_per_row = K // 64
         half_k = K // 2
-        bytes_in_group = tl.arange(0, 32)
+        j = tl.arange(0, 32)
+        x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + token_rows[:, None] * half_k + j[None, :]
+        weights = packed_ptr + rows[None, :] * half_k + j[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g0 in range(0, blocks_per_row, BLOCK_G):
-            groups = g0 + tl.arange(0, BLOCK_G)
-            high, low = _unpack(packed_ptr, lut_ptr, rows, groups, bytes_in_group, half_k)
-            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
-                           rows[:, None] * blocks_per_row + groups[None, :], NESTED, NESTED_BLOCK)
-            # bitsandbytes' dequantized weight: float32 product rounded once to bf16
-            high = tl.reshape((high * scale[:, :, None]).to(tl.bfloat16), (BLOCK_N, BLOCK_G * 32))
-            low = tl.reshape((low * scale[:, :, None]).to(tl.bfloat16), (BLOCK_N, BLOCK_G * 32))
-            columns = g0 * 32 + tl.arange(0, BLOCK_G * 32)
-            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + token_rows[:, None] * half_k + columns[None, :])
-            even, odd = _split_pairs(pairs)
-            acc = tl.dot(even.to(tl.bfloat16), tl.trans(high), acc)
-            acc = tl.dot(odd.to(tl.bfloat16), tl.trans(low), acc)
+        for block in range(0, blocks_per_row):
+            byte = tl.load(weights + block * 32, eviction_policy="evict_first").to(tl.int32)  # (32, BLOCK_N)
+            high, low = _nibbles(byte, code_ptr)
+            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows * blocks_per_row + block,
+                           NESTED, NESTED_BLOCK)[None, :]
+            even, odd = _split_pairs(tl.load(x_pairs + block * 32))
+            acc = tl.dot(even.to(tl.bfloat16), (high * scale).to(tl.bfloat16), acc)
+            acc = tl.dot(odd.to(tl.bfloat16), (low * scale).to(tl.bfloat16), acc)
         offsets = tokens[:, None] * N + rows[None, :]
         tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (rows[None, :] < N))
 
@@ -253,7 +239,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
         out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
     nested = weight.code2 is not None
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
-            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.lut, out)
+            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.code, out)
     if m == 1:
         grid = lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]),)  # noqa: E731
         _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE)

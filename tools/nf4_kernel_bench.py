@@ -198,6 +198,11 @@ def main() -> int:
     bandwidth = copy_gbs()
     timings = time_variants(layers, args.time_batches, args.skip_bf16)
     weight_bytes = step_bytes(layers)
+    from llama_vision_helpers import nf4_gemv
+
+    for kernel in (nf4_gemv._nf4_matvec_kernel, nf4_gemv._nf4_matmul_kernel):
+        for key, config in kernel.cache.items():
+            print(f"autotuned {kernel.fn.__name__} {key}: {config}", flush=True)
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} layers; 4-bit weights read "
              f"per step {weight_bytes / 1e9:.2f} GB; copy {bandwidth:.0f} GB/s -> bytes floor "
              f"{1000 * weight_bytes / bandwidth / 1e9:.2f} ms", "",
