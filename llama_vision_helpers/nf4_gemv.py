@@ -129,16 +129,29 @@ def nf4_kernel_available(device: torch.device | str) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
+TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
+MAX_SPLITS = 16
+MAX_ROWS = 28672  # the workspace for split products covers outputs up to this size (11B's joined gate/up)
+
+
+def _splits(n_tiles: int, blocks_per_row: int) -> int:
+    """How many parts to cut each row's K into, so that a launch has about TARGET_PROGRAMS programs."""
+    splits = 1
+    while splits < MAX_SPLITS and n_tiles * splits < TARGET_PROGRAMS and blocks_per_row // (2 * splits) >= 4:
+        splits *= 2
+    return splits
+
+
 if triton is not None:
 
     def _matvec_configs():
         return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
-                for bn, bg, w, s in [(2, 32, 4, 3), (4, 16, 4, 3), (8, 8, 4, 3), (4, 32, 8, 2), (8, 16, 8, 2),
-                                     (16, 8, 8, 2)]]
+                for bn, bg, w, s in [(8, 8, 4, 3), (16, 8, 4, 3), (32, 8, 4, 3), (16, 16, 4, 3), (8, 16, 4, 3),
+                                     (32, 4, 4, 3), (16, 8, 8, 3)]]
 
     def _dot_configs():
         return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bn, w, s in [(32, 4, 4), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]]
+                for bn, w, s in [(16, 4, 4), (32, 4, 4), (64, 4, 4), (64, 4, 3), (128, 4, 3)]]
 
     @triton.jit
     def _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, block, NESTED: tl.constexpr,
@@ -162,52 +175,80 @@ if triton is not None:
         odd = (pairs & -65536).to(tl.float32, bitcast=True)
         return even, odd
 
+    @triton.jit
+    def _finish(acc, out_offsets, out_mask, out_ptr, work_ptr, count_ptr, tile, part, splits, part_stride):
+        """Write the tile; with K split over several programs, each writes its partial sums to the workspace
+        and the last to arrive adds them up and writes the output (one launch, no atomics on the output)."""
+        if splits == 1:
+            tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.store(work_ptr + part * part_stride + out_offsets, acc, mask=out_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == splits - 1:
+                tl.debug_barrier()
+                total = tl.zeros_like(acc)
+                for other in range(0, splits):
+                    total += tl.load(work_ptr + other * part_stride + out_offsets, mask=out_mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replay)
+
     @triton.autotune(configs=_matvec_configs(), key=["N", "K"])
     @triton.jit
     def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
-                           N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_G: tl.constexpr):
-        """One token: out[n] = sum_k x[k] * W[n, k]; BLOCK_N rows a program, BLOCK_G blocks of 64 a step."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(rows, N - 1)  # the last program recomputes a row rather than masking every load
+                           work_ptr, count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """One token: out[n] = sum_k x[k] * W[n, k]. Program (i, s): BLOCK_N rows, part s of K, BLOCK_G blocks
+        of 64 weights a step."""
+        tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rows, N - 1)  # the last tile recomputes a row rather than masking every load
         blocks_per_row = K // 64
         half_k = K // 2
+        per_part = tl.cdiv(blocks_per_row, splits)
+        first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
         j = tl.arange(0, 32)
         acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-        for g0 in range(0, blocks_per_row, BLOCK_G):
+        for g0 in range(first, last, BLOCK_G):
             groups = g0 + tl.arange(0, BLOCK_G)
+            inside = groups < last
             offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + j[None, None, :]
-            byte = tl.load(packed_ptr + offsets, eviction_policy="evict_first").to(tl.int32)
+            byte = tl.load(packed_ptr + offsets, mask=inside[None, :, None], other=0,
+                           eviction_policy="evict_first").to(tl.int32)
             high, low = _nibbles(byte, code_ptr)
-            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :])
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
+                            mask=inside[:, None], other=0)
             even, odd = _split_pairs(pairs)
             partial = tl.sum(high * even[None, :, :] + low * odd[None, :, :], axis=2)
             scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
-                           rows[:, None] * blocks_per_row + groups[None, :], NESTED, NESTED_BLOCK)
+                           rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
+                           NESTED, NESTED_BLOCK)
             acc += partial * scale
-        out = tl.sum(acc, axis=1)
-        tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=rows < N)
+        out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        _finish(tl.sum(acc, axis=1), out_rows, out_rows < N, out_ptr, work_ptr, count_ptr, tile, part, splits, N)
 
     @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"])
     @triton.jit
     def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
-                           M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr):
+                           work_ptr, count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """A few tokens (2..32): one block of 64 weights a step for BLOCK_N rows, dequantized to bf16 in
-        registers (as bitsandbytes rounds them), products on the tensor cores."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        registers (as bitsandbytes rounds them), products on the tensor cores; K split as in the matvec."""
+        tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
         tokens = tl.arange(0, BLOCK_M)
         token_rows = tl.minimum(tokens, M - 1)
         blocks_per_row = K // 64
         half_k = K // 2
+        per_part = tl.cdiv(blocks_per_row, splits)
+        first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
         j = tl.arange(0, 32)
         x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + token_rows[:, None] * half_k + j[None, :]
         weights = packed_ptr + rows[None, :] * half_k + j[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for block in range(0, blocks_per_row):
+        for block in range(first, last):
             byte = tl.load(weights + block * 32, eviction_policy="evict_first").to(tl.int32)  # (32, BLOCK_N)
             high, low = _nibbles(byte, code_ptr)
             scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows * blocks_per_row + block,
@@ -215,8 +256,22 @@ if triton is not None:
             even, odd = _split_pairs(tl.load(x_pairs + block * 32))
             acc = tl.dot(even.to(tl.bfloat16), (high * scale).to(tl.bfloat16), acc)
             acc = tl.dot(odd.to(tl.bfloat16), (low * scale).to(tl.bfloat16), acc)
-        offsets = tokens[:, None] * N + rows[None, :]
-        tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (rows[None, :] < N))
+        out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offsets = tokens[:, None] * N + out_rows[None, :]
+        _finish(acc, offsets, (tokens[:, None] < M) & (out_rows[None, :] < N), out_ptr, work_ptr, count_ptr,
+                tile, part, splits, M * N)
+
+
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial sums and arrival counters for split products, one pair per device (launches on one stream run
+    one after another, and each leaves its counters at zero)."""
+    if device not in _workspaces:
+        _workspaces[device] = (torch.empty(MAX_SPLITS * MAX_BATCH * MAX_ROWS, dtype=torch.float32, device=device),
+                               torch.zeros(MAX_ROWS, dtype=torch.int32, device=device))
+    return _workspaces[device]
 
 
 def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -238,13 +293,19 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     if out is None:
         out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
     nested = weight.code2 is not None
+    work, counts = _workspace(x.device)
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
-            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.code, out)
+            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.code,
+            out, work, counts)
+    blocks_per_row = weight.k // BLOCK_SIZE
+
+    def grid(meta):
+        tiles = triton.cdiv(weight.n, meta["BLOCK_N"])
+        return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
+
     if m == 1:
-        grid = lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]),)  # noqa: E731
         _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE)
     else:
-        grid = lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]),)  # noqa: E731
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
                                  BLOCK_M=16 if m <= 16 else 32)
     return out.view(*shape[:-1], weight.n)

@@ -19,13 +19,13 @@ out=${OUT:-results}  # where logs and JSON go
 mkdir -p "$out"
 for what in "${@:-tests}"; do
 case "$what" in
-  tests)  python3 -m pytest -p no:cacheprovider -o addopts="" tests/test_gpu.py -v -rA -s ${PYTEST_ARGS:-} 2>&1 | tee "$out/gpu_tests.log" ;;
+  tests)  python3 -m pytest -p no:cacheprovider -o addopts="" tests/test_gpu.py -v -rA -s -k "${PYTEST_K:-}" 2>&1 | tee "$out/gpu_tests.log" ;;
   bench)  python3 -m llama_vision_helpers.cli bench --random-weights 11b ${BENCH_ARGS:-} --json "$out/bench_11b.json" \
             2>&1 | tee "$out/bench.log" ;;
   spread) python3 -m llama_vision_helpers.cli bench --random-weights 90b --spread --new-tokens 32 --repeats 2 \
             --json "$out/spread_90b.json" ;;
   kernel) python3 tools/nf4_kernel_bench.py --out "$out" 2>&1 | tee "$out/kernel.log" ;;
-  profile) python3 tools/profile_decode.py 2>&1 | tee "$out/profile.log" ;;
+  profile) python3 tools/profile_decode.py ${PROFILE_VARIANTS:-} 2>&1 | tee "$out/profile.log" ;;
   *) echo "usage: bash tools/gpu_run.sh [tests|bench|spread|kernel|profile ...]"; exit 2 ;;
 esac || failed="${failed:-}$what "  # each stage runs even when one before it failed
 done
