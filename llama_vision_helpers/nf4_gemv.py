@@ -194,13 +194,15 @@ if triton is not None:
                 tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replay)
 
-    @triton.autotune(configs=_matvec_configs(), key=["N", "K"])
+    @triton.autotune(configs=_matvec_configs(), key=["N", "K", "EXACT", "ABLATE"])
     @triton.jit
     def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
                            work_ptr, count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                           EXACT: tl.constexpr, ABLATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """One token: out[n] = sum_k x[k] * W[n, k]. Program (i, s): BLOCK_N rows, part s of K, BLOCK_G blocks
-        of 64 weights a step."""
+        of 64 weights a step. EXACT: each weight rounded to bf16 as bitsandbytes' dequantized weight is, else
+        the block's scale is applied once to its float32 sum. ABLATE (timing only, wrong answers): 1 leaves
+        out the code look-up, 2 the activations, 3 everything but reading the bytes."""
         tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)  # the last tile recomputes a row rather than masking every load
@@ -216,15 +218,29 @@ if triton is not None:
             offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + j[None, None, :]
             byte = tl.load(packed_ptr + offsets, mask=inside[None, :, None], other=0,
                            eviction_policy="evict_first").to(tl.int32)
-            high, low = _nibbles(byte, code_ptr)
-            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
-                            mask=inside[:, None], other=0)
-            even, odd = _split_pairs(pairs)
-            partial = tl.sum(high * even[None, :, :] + low * odd[None, :, :], axis=2)
             scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
                            rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
                            NESTED, NESTED_BLOCK)
-            acc += partial * scale
+            if ABLATE == 3:
+                acc += tl.sum(byte.to(tl.float32), axis=2)
+            else:
+                if ABLATE == 1:
+                    high, low = (byte >> 4).to(tl.float32), (byte & 15).to(tl.float32)
+                else:
+                    high, low = _nibbles(byte, code_ptr)
+                if ABLATE == 2:
+                    even, odd = high * 0 + 1.0, low * 0 + 1.0
+                else:
+                    pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
+                                    mask=inside[:, None], other=0)
+                    even, odd = _split_pairs(pairs)
+                    even, odd = even[None, :, :], odd[None, :, :]
+                if EXACT:
+                    high = (high * scale[:, :, None]).to(tl.bfloat16).to(tl.float32)
+                    low = (low * scale[:, :, None]).to(tl.bfloat16).to(tl.float32)
+                    acc += tl.sum(high * even + low * odd, axis=2)
+                else:
+                    acc += tl.sum(high * even + low * odd, axis=2) * scale
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         _finish(tl.sum(acc, axis=1), out_rows, out_rows < N, out_ptr, work_ptr, count_ptr, tile, part, splits, N)
 
@@ -274,11 +290,13 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _workspaces[device]
 
 
-def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None, *, exact: bool = True,
+               ablate: int = 0) -> torch.Tensor:
     """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
 
     The decode paths call this for every 4-bit linear (or joined group of linears) of a step; up to
-    MAX_BATCH tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into."""
+    MAX_BATCH tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into. `exact`
+    (one token): round each weight to bf16 as bitsandbytes does; `ablate`: see `_nf4_matvec_kernel` (timing)."""
     if x.dtype != torch.bfloat16:
         raise TypeError(f"nf4_matmul reads bf16 activations, got {x.dtype}")
     shape = x.shape
@@ -304,7 +322,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
         return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
 
     if m == 1:
-        _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE)
+        _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
+                                 EXACT=exact, ABLATE=ablate)
     else:
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
                                  BLOCK_M=16 if m <= 16 else 32)

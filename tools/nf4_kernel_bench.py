@@ -158,6 +158,14 @@ def time_variants(layers, batches, skip_bf16: bool) -> list[dict]:
                 None)
         except Exception as err:  # layout or version mismatch: leave it out, say why
             print(f"int4 tinygemm left out: {type(err).__name__}: {err}"[:300], flush=True)
+    xs = {k: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for k in (HIDDEN, INTERMEDIATE)}
+    for exact, ablate, name in [(False, 0, "nf4 kernel, scale applied to each block's sum (not exact)"),
+                                (False, 1, "  ablation: no code look-up"), (False, 2, "  ablation: no activations"),
+                                (False, 3, "  ablation: only read the bytes")]:
+        seconds = graph_time(lambda: [nf4_matmul(xs[w.k], w, exact=exact, ablate=ablate)
+                                      for ws in joined for w in ws.values()])
+        rows.append({"variant": name, "batch": 1, "ms": 1000 * seconds, "gbs": weight_bytes / seconds / 1e9})
+        print(f"time {name:40} batch  1: {1000 * seconds:7.3f} ms", flush=True)
     for m in batches:
         xs = {k: torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for k in (HIDDEN, INTERMEDIATE)}
         for name, fn in variants.items():
@@ -175,6 +183,19 @@ def time_variants(layers, batches, skip_bf16: bool) -> list[dict]:
             rows.append({"variant": name, "batch": m, "ms": 1000 * seconds, "gbs": gbs})
             print(f"time {name:40} batch {m:2}: {1000 * seconds:7.3f} ms  {gbs:6.0f} GB/s", flush=True)
     return rows
+
+
+def report_compiled(out: str | None) -> None:
+    """Registers and spills of the compiled kernels; the PTX of the one-token kernel goes to `out`."""
+    from llama_vision_helpers import nf4_gemv
+
+    for kernel in (nf4_gemv._nf4_matvec_kernel, nf4_gemv._nf4_matmul_kernel):
+        for device_cache in kernel.fn.device_caches.values():
+            for compiled in device_cache[0].values():
+                print(f"compiled {kernel.fn.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spills, "
+                      f"{compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
+                if out and kernel is nf4_gemv._nf4_matvec_kernel:
+                    Path(out, "nf4_matvec.ptx").write_text(compiled.asm["ptx"])
 
 
 def copy_gbs() -> float:
@@ -202,7 +223,11 @@ def main() -> int:
 
     for kernel in (nf4_gemv._nf4_matvec_kernel, nf4_gemv._nf4_matmul_kernel):
         for key, config in kernel.cache.items():
-            print(f"autotuned {kernel.fn.__name__} {key}: {config}", flush=True)
+            print(f"autotuned {kernel.fn.__name__} {key[:4]}: {config}", flush=True)
+    try:
+        report_compiled(args.out)
+    except Exception as err:  # the report is a diagnostic: never lose the timings over it
+        print(f"compiled-kernel report failed: {type(err).__name__}: {err}", flush=True)
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.layers} layers; 4-bit weights read "
              f"per step {weight_bytes / 1e9:.2f} GB; copy {bandwidth:.0f} GB/s -> bytes floor "
              f"{1000 * weight_bytes / bandwidth / 1e9:.2f} ms", "",
