@@ -10,12 +10,15 @@ On a CPU the same loop runs without the graph, which is how its correctness is t
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from .nf4_gemv import nf4_kernel_available, nf4_matmul
 
 # What the fast loop understands; anything else (beam search, repetition penalty, ...) goes to `generate`.
 SUPPORTED_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "min_p", "num_return_sequences",
@@ -50,7 +53,8 @@ class _State:
 class FastDecoder:
     """Decode for one loaded MllamaForConditionalGeneration; keep one per model (graphs are reused)."""
 
-    def __init__(self, model: Any, *, use_cuda_graph: bool | None = None) -> None:
+    def __init__(self, model: Any, *, use_cuda_graph: bool | None = None, use_nf4_kernel: bool | None = None,
+                 compile_elementwise: bool | None = None) -> None:
         language_model = getattr(getattr(model, "model", None), "language_model", None)
         if language_model is None or not hasattr(model, "lm_head"):
             raise FastDecodeUnsupported("not an Mllama model")
@@ -71,53 +75,84 @@ class FastDecoder:
         self.gates = {i: (layer.cross_attn_attn_gate.tanh(), layer.cross_attn_mlp_gate.tanh())
                       for i, layer in enumerate(self.text.layers) if i in self.cross_layers}
         self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
+        self.projections = {index: self._projection_groups(index, layer) for index, layer in enumerate(self.text.layers)}
+        self.projections["lm_head"] = {"lm_head": [model.lm_head]}
+        use_kernel = nf4_kernel_available(self.device) if use_nf4_kernel is None else use_nf4_kernel
+        self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
+        compile_ops = self.device.type == "cuda" if compile_elementwise is None else compile_elementwise
+        self._ops = _compiled_ops() if compile_ops else _EAGER_OPS
+
+    def _projection_groups(self, index: int, layer) -> dict[str, list]:
+        """The linears of one layer, grouped by the input they share (each group is one product)."""
+        if index in self.cross_layers:
+            attention = layer.cross_attn
+            groups = {"q": [attention.q_proj], "o": [attention.o_proj]}
+        else:
+            attention = layer.self_attn
+            groups = {"qkv": [attention.q_proj, attention.k_proj, attention.v_proj], "o": [attention.o_proj]}
+        groups["gate_up"] = [layer.mlp.gate_proj, layer.mlp.up_proj]
+        groups["down"] = [layer.mlp.down_proj]
+        return groups
+
+    def _join_nf4_weights(self) -> dict[tuple[Any, str], Any]:
+        """bitsandbytes nf4 weights of each group, joined, for the 4-bit kernel (empty for other weights)."""
+        from .nf4_gemv import NF4Unsupported, NF4Weight
+
+        weights = {}
+        for index, groups in self.projections.items():
+            for name, modules in groups.items():
+                try:
+                    weights[index, name] = NF4Weight.from_linears(modules)
+                except NF4Unsupported:
+                    continue
+        return weights
+
+    def project(self, index: Any, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of one group of linears (`projections[index][name]`) for the decode input `x`.
+
+        The hook every decode path calls for its matrix products: bitsandbytes nf4 weights go through the 4-bit
+        kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group), anything else through the modules."""
+        weight = self.nf4_weights.get((index, name))
+        if weight is None:
+            return tuple(module(x) for module in self.projections[index][name])
+        return nf4_matmul(x, weight).split(weight.splits, dim=-1)
 
     # --- one token through the language model ------------------------------------------------------
     # Inside a CUDA graph every small kernel still costs a few microseconds, so the elementwise work is written
     # with fewer kernels than transformers uses (same arithmetic, same results).
 
-    @staticmethod
-    def _rms_norm(norm, x):
-        # one fused kernel; transformers rounds to bf16 before the weight multiply, this rounds once after it
-        return F.rms_norm(x, (x.shape[-1],), weight=norm.weight, eps=norm.variance_epsilon)
+    # The step is written so that the elementwise work between products is a few fused functions (`_Ops`),
+    # compiled by inductor on a GPU; the residual add of each block is done with the next norm.
 
-    def _self_attention_layer(self, layer, hidden, cos, sin, state: _State, index: int, mask):
-        attention, batch = layer.self_attn, hidden.shape[0]
-        residual = hidden
-        x = self._rms_norm(layer.input_layernorm, hidden)
-        q = attention.q_proj(x).view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)
-        k = attention.k_proj(x).view(batch, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attention.v_proj(x).view(batch, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        # rotary embedding of queries and keys at once: x*cos + rotate_half(x)*sin, where
-        # rotate_half(x)*sin == roll(x, half)*sin_signed (sin_signed built once per step)
-        qk = torch.cat([q, k], dim=1)
-        qk = qk * cos + torch.roll(qk, self.head_dim // 2, dims=-1) * sin
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        self._write_cache(state, index, k, v)
+    def _self_attention_layer(self, layer, index: int, hidden, delta, cos, sin, state: _State, mask):
+        ops, batch = self._ops, hidden.shape[0]
+        hidden, x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        q, k, v = self.project(index, "qkv", x)
+        q = ops.rotary_and_cache(q, k, v, cos, sin, state.keys[index], state.values[index], state.position,
+                                 self.num_heads, self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q, state.keys[index], state.values[index], attn_mask=mask,
-                                             scale=attention.scaling, enable_gqa=True)
-        hidden = residual + attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-        return hidden + layer.mlp(self._rms_norm(layer.post_attention_layernorm, hidden))
+                                             scale=layer.self_attn.scaling, enable_gqa=True)
+        (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
+        norm = layer.post_attention_layernorm
+        hidden, x = ops.add_rms_norm(hidden, o, norm.weight, norm.variance_epsilon)
+        (down,) = self.project(index, "down", ops.silu_mul(*self.project(index, "gate_up", x)))
+        return hidden, down
 
-    @staticmethod
-    def _write_cache(state: _State, index: int, k, v) -> None:
-        """Each row's new key and value go to that row's own position."""
-        where = state.position.view(-1, 1, 1, 1).expand_as(k)
-        state.keys[index].scatter_(2, where, k)
-        state.values[index].scatter_(2, where, v)
-
-    def _cross_attention_layer(self, layer, hidden, state: _State, index: int):
-        attention, batch = layer.cross_attn, hidden.shape[0]
+    def _cross_attention_layer(self, layer, index: int, hidden, delta, state: _State):
+        ops, batch = self._ops, hidden.shape[0]
+        attention = layer.cross_attn
         attention_gate, mlp_gate = self.gates[index]
-        residual = hidden
-        x = self._rms_norm(layer.input_layernorm, hidden)
-        q = self._rms_norm(attention.q_norm,
-                           attention.q_proj(x).view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2))
+        hidden, x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        (q,) = self.project(index, "q", x)
+        q = ops.head_rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon, self.num_heads,
+                              self.head_dim)
         out = F.scaled_dot_product_attention(q, state.cross_keys[index], state.cross_values[index],
                                              attn_mask=state.cross_mask, scale=attention.scaling, enable_gqa=True)
-        hidden = residual + attention_gate * attention.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
-        x = state.row_mask * layer.mlp(self._rms_norm(layer.post_attention_layernorm, hidden))
-        return hidden + mlp_gate * x
+        (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
+        norm = layer.post_attention_layernorm
+        hidden, x = ops.gated_add_rms_norm(hidden, o, attention_gate, norm.weight, norm.variance_epsilon)
+        (down,) = self.project(index, "down", ops.silu_mul(*self.project(index, "gate_up", x)))
+        return hidden, ops.gate_rows(down, state.row_mask, mlp_gate)
 
     def _step(self, state: _State) -> None:
         """Logits for `state.input_ids` at `state.position`, written into `state.logits` (fixed shapes)."""
@@ -130,13 +165,15 @@ class FastDecoder:
         # (one row of the mask per sequence: each may be at its own position)
         mask = torch.where(state.key_positions <= state.position.view(-1, 1), 0.0, torch.finfo(hidden.dtype).min)
         mask = mask.to(hidden.dtype).view(-1, 1, 1, state.length)
+        delta = torch.zeros_like(hidden)
         for index, layer in enumerate(self.text.layers):
             if index in self.cross_layers:
                 if state.cross_mask is not None:
-                    hidden = self._cross_attention_layer(layer, hidden, state, index)
+                    hidden, delta = self._cross_attention_layer(layer, index, hidden, delta, state)
             else:
-                hidden = self._self_attention_layer(layer, hidden, cos, sin, state, index, mask)
-        logits = self.model.lm_head(self._rms_norm(self.text.norm, hidden))
+                hidden, delta = self._self_attention_layer(layer, index, hidden, delta, cos, sin, state, mask)
+        _, x = self._ops.add_rms_norm(hidden, delta, self.text.norm.weight, self.text.norm.variance_epsilon)
+        (logits,) = self.project("lm_head", "lm_head", x)
         state.logits.copy_(logits[:, -1, :])
 
     # --- buffers, prefill and the graph -------------------------------------------------------------
@@ -298,6 +335,63 @@ class FastDecoder:
         for step, token in enumerate(tokens[:-1]):
             rows.append(self._decode(state, torch.tensor([token], device=self.device), prompt_length + step)[0])
         return torch.stack(rows)
+
+
+class _Ops:
+    """The elementwise work of a decode step, in a few functions (same arithmetic as transformers, which rounds
+    to the model's dtype after each operation)."""
+
+    @staticmethod
+    def add_rms_norm(hidden, delta, weight, eps):
+        hidden = hidden + delta
+        return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight=weight, eps=eps)
+
+    @staticmethod
+    def gated_add_rms_norm(hidden, delta, gate, weight, eps):
+        hidden = hidden + gate * delta
+        return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight=weight, eps=eps)
+
+    @staticmethod
+    def head_rms_norm(q, weight, eps, num_heads: int, head_dim: int):
+        q = q.view(q.shape[0], 1, num_heads, head_dim).transpose(1, 2)
+        return F.rms_norm(q, (head_dim,), weight=weight, eps=eps)
+
+    @staticmethod
+    def rotary_and_cache(q, k, v, cos, sin, keys, values, position, num_heads: int, num_kv_heads: int,
+                         head_dim: int):
+        """Rotary embedding of queries and keys (x*cos + rotate_half(x)*sin, where rotate_half(x)*sin ==
+        roll(x, half)*sin_signed), keys and values written into the cache at `position`; returns the queries."""
+        batch = q.shape[0]
+        q = q.view(batch, 1, num_heads, head_dim).transpose(1, 2)
+        k = k.view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
+        v = v.view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
+        qk = torch.cat([q, k], dim=1)
+        qk = qk * cos + torch.roll(qk, head_dim // 2, dims=-1) * sin
+        q, k = qk.split([num_heads, num_kv_heads], dim=1)
+        where = position.view(-1, 1, 1, 1).expand_as(k)  # each row at its own position
+        keys.scatter_(2, where, k)
+        values.scatter_(2, where, v)
+        return q
+
+    @staticmethod
+    def silu_mul(gate, up):
+        return F.silu(gate) * up
+
+    @staticmethod
+    def gate_rows(x, row_mask, gate):
+        return gate * (row_mask * x)
+
+
+_EAGER_OPS = _Ops()
+
+
+@functools.cache
+def _compiled_ops() -> Any:
+    """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten)."""
+    compiled = _Ops()
+    for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary_and_cache", "silu_mul", "gate_rows"):
+        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=False, fullgraph=True))
+    return compiled
 
 
 def fast_decoder_for(vlm: Any) -> FastDecoder:

@@ -67,3 +67,48 @@ def test_fast_logits_follow_generate_on_4bit_backends(gpu_vlm, photo):
     difference, agreement = compare_fast_logits(gpu_vlm, inputs, steps=24)
     print(f"\n{gpu_vlm!r}: max logit difference {100 * difference:.3f}%, top token agrees {100 * agreement:.0f}%")
     assert difference < 0.02 and agreement >= 0.9
+
+
+# Every distinct 4-bit linear of the 11B language model (out, in), and the groups the fast loop joins.
+SHAPES_11B = {"q/o and cross q/o": [(4096, 4096)], "k/v": [(1024, 4096)], "gate/up": [(14336, 4096)],
+              "down": [(4096, 14336)], "joined q+k+v": [(4096, 4096), (1024, 4096), (1024, 4096)],
+              "joined gate+up": [(14336, 4096), (14336, 4096)]}
+
+
+@pytest.mark.parametrize("group", list(SHAPES_11B))
+def test_nf4_kernel_matches_bitsandbytes_on_the_11b_shapes(group):
+    import bitsandbytes.functional as bf
+    import torch
+
+    from llama_vision_helpers.nf4_gemv import NF4Weight, nf4_matmul, random_nf4_linear
+
+    torch.manual_seed(0)
+    modules = [random_nf4_linear(n, k) for n, k in SHAPES_11B[group]]
+    dense = torch.cat([bf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in modules]).double()
+    weight = NF4Weight.from_linears(modules)
+    for batch in (1, 2, 5, 8, 16, 32):
+        x = torch.randn(batch, weight.k, dtype=torch.bfloat16, device="cuda")
+        out = torch.full((batch, weight.n), float("nan"), dtype=torch.bfloat16, device="cuda")
+        got = nf4_matmul(x, weight, out=out).double()
+        expected = x.double() @ dense.T
+        assert torch.isfinite(got).all(), f"batch {batch}: output not fully written"
+        error = float((got - expected).norm() / expected.norm())
+        assert error < 5e-3, f"batch {batch}: relative error {error:.2e}"
+        bnb = torch.cat([m(x) for m in modules], dim=-1).double()  # bitsandbytes' own forward, same answer
+        assert float((got - bnb).norm() / bnb.norm()) < 5e-3
+
+
+def test_fast_loop_uses_the_nf4_kernel_and_follows_generate(photo):
+    from llama_vision_helpers.bench import compare_fast_logits
+    from llama_vision_helpers.fast_decode import fast_decoder_for
+    from llama_vision_helpers.generation import prepare_inputs, user_message
+
+    vlm = load_model("tiny-random", backend="transformers", load_in_4bit=True)
+    decoder = fast_decoder_for(vlm)
+    layers = len(decoder.text.layers)
+    assert len(decoder.nf4_weights) == 4 * layers, "every 4-bit group of every layer goes through the kernel"
+    inputs = prepare_inputs(vlm, [user_message("Describe the image.", with_image=True)], photo)
+    difference, agreement = compare_fast_logits(vlm, inputs, steps=24)
+    print(f"\nnf4 kernel in the fast loop: max logit difference {100 * difference:.3f}%, top token agrees "
+          f"{100 * agreement:.0f}%")
+    assert difference < 0.005 and agreement >= 0.9

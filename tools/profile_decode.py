@@ -19,7 +19,7 @@ STEPS = 10
 
 def kind(name: str) -> str:
     lowered = name.lower()
-    if any(k in lowered for k in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "dequantize")):
+    if any(k in lowered for k in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "dequantize", "nf4")):
         return "matrix products (incl. 4-bit dequantize)"
     if any(k in lowered for k in ("attention", "fmha", "flash", "softmax")):
         return "attention"

@@ -1,0 +1,348 @@
+"""4-bit matrix-vector products on bitsandbytes' own nf4 layout, dequantized in registers (Triton).
+
+bitsandbytes stores a `Linear4bit` weight of shape (N, K) as N*K/2 bytes, row-major, two weights a byte (the
+high nibble first), each nibble an index into the 16-value NF4 code; every block of 64 weights has a scale
+(`absmax`). With double quantization the scales are themselves bytes: scale = code2[byte] * absmax2[block // 256]
++ offset. Its own kernel for one token reads these weights at about a third of the copy bandwidth; the kernels
+here read the same bytes once, look both nibbles of a byte up at once in a 256-entry table, and apply each
+block's scale once per 64 products. Nothing is repacked, so the answers stay those of bnb's dequantized weights.
+
+`nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
+with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
+says whether they can run for a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+try:  # Triton ships with PyTorch on CUDA machines; without it the decode loop keeps the modules' own forward
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+BLOCK_SIZE = 64  # weights per scale, the only blocksize the kernels read
+NESTED_BLOCK_SIZE = 256  # scales per second-level scale (bitsandbytes' default for double quantization)
+MAX_BATCH = 32
+
+
+class NF4Unsupported(ValueError):
+    """The module's weight is not in the layout the kernels read (the caller keeps the module's forward)."""
+
+
+@dataclass
+class NF4Weight:
+    """One or several bnb nf4 linears with the same input, joined row-wise: (N, K) with N = sum of their outputs.
+
+    `packed`: (N, K/2) uint8. `absmax`: (N*K/64,) uint8 with `code2`/`absmax2`/`offset2` (double quantization)
+    or float32 scales with the three others None. `code`: the 16 nf4 values (float32). `splits`: the output sizes of the joined linears, in order.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    code2: torch.Tensor | None
+    absmax2: torch.Tensor | None
+    offset2: torch.Tensor | None
+    code: torch.Tensor
+    n: int
+    k: int
+    splits: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
+        """Read bnb `Linear4bit` modules (same in_features) into one joined weight. With `share_storage` the
+        modules' packed bytes and scales are moved into the joined buffers (the modules then read views of them,
+        same values), so joining costs no memory."""
+        states = [_check_layout(m) for m in modules]
+        k = states[0].shape[1]
+        if any(s.shape[1] != k for s in states):
+            raise NF4Unsupported("joined linears must share their input size")
+        nested = states[0].nested
+        if any(s.nested != nested for s in states):
+            raise NF4Unsupported("joined linears must all use double quantization or none")
+        code = states[0].code.float()
+        if any(not torch.equal(s.code.float(), code) for s in states):
+            raise NF4Unsupported("joined linears must share the nf4 code")
+        packed = torch.cat([m.weight.data.reshape(-1).view(torch.uint8) for m in modules]) if len(modules) > 1 \
+            else modules[0].weight.data.reshape(-1).view(torch.uint8)
+        absmax = torch.cat([s.absmax.reshape(-1) for s in states]) if len(states) > 1 else states[0].absmax.reshape(-1)
+        code2 = absmax2 = offset2 = None
+        if nested:
+            code2 = states[0].state2.code.float()
+            if any(not torch.equal(s.state2.code.float(), code2) for s in states):
+                raise NF4Unsupported("joined linears must share the nested code")
+            absmax2 = torch.cat([s.state2.absmax.float().reshape(-1) for s in states])
+            offset2 = torch.cat([torch.full((s.state2.absmax.numel(),), float(s.offset), device=absmax2.device)
+                                 for s in states])
+        else:
+            absmax = absmax.float()
+        if share_storage and len(modules) > 1:
+            byte_start = block_start = 0
+            for module, state in zip(modules, states):
+                n_bytes, n_blocks = module.weight.data.numel() * module.weight.data.element_size(), state.absmax.numel()
+                module.weight.data = packed[byte_start:byte_start + n_bytes].view(module.weight.dtype) \
+                    .view(module.weight.data.shape)
+                if nested:
+                    state.absmax = absmax[block_start:block_start + n_blocks]
+                byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
+        n = sum(s.shape[0] for s in states)
+        return cls(packed=packed.view(n, k // 2), absmax=absmax, code2=code2, absmax2=absmax2, offset2=offset2,
+                   code=code, n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) weight in `dtype`, computed as bitsandbytes does (float32 products, rounded once)."""
+        nibbles = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(self.n, self.k).long()
+        return (self.code[nibbles].view(-1, BLOCK_SIZE) * self.scales().view(-1, 1)).view(self.n, self.k).to(self.dtype)
+
+    def scales(self) -> torch.Tensor:
+        """The float32 scale of each block of 64 weights."""
+        if self.code2 is None:
+            return self.absmax
+        groups = torch.arange(self.absmax.numel(), device=self.absmax.device) // NESTED_BLOCK_SIZE
+        return self.code2[self.absmax.long()] * self.absmax2[groups] + self.offset2[groups]
+
+
+def _check_layout(module: Any) -> Any:
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise NF4Unsupported(f"{type(module).__name__} has no bitsandbytes 4-bit weight")
+    if state.quant_type != "nf4" or state.blocksize != BLOCK_SIZE:
+        raise NF4Unsupported(f"needs nf4 with blocksize {BLOCK_SIZE}, got {state.quant_type}/{state.blocksize}")
+    if len(state.shape) != 2 or state.shape[1] % BLOCK_SIZE:
+        raise NF4Unsupported(f"needs an input size divisible by {BLOCK_SIZE}, got {tuple(state.shape)}")
+    if state.nested and (state.state2.blocksize != NESTED_BLOCK_SIZE or state.absmax.dtype != torch.uint8):
+        raise NF4Unsupported("needs double quantization with 8-bit scales in blocks of 256")
+    if getattr(module, "bias", None) is not None:
+        raise NF4Unsupported("linears with a bias are not supported")
+    return state
+
+
+def nf4_kernel_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on `device` (CUDA with Triton installed)."""
+    return triton is not None and torch.device(device).type == "cuda"
+
+
+TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
+MAX_SPLITS = 16
+MAX_ROWS = 28672  # the workspace for split products covers outputs up to this size (11B's joined gate/up)
+
+
+def _splits(n_tiles: int, blocks_per_row: int) -> int:
+    """How many parts to cut each row's K into, so that a launch has about TARGET_PROGRAMS programs."""
+    splits = 1
+    while splits < MAX_SPLITS and n_tiles * splits < TARGET_PROGRAMS and blocks_per_row // (2 * splits) >= 4:
+        splits *= 2
+    return splits
+
+
+if triton is not None:
+
+    def _matvec_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
+                for bn, bg, w, s in [(8, 8, 4, 3), (16, 8, 4, 3), (32, 8, 4, 3), (16, 16, 4, 3), (8, 16, 4, 3),
+                                     (32, 4, 4, 3), (16, 8, 8, 3)]]
+
+    def _dot_configs():
+        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                for bn, w, s in [(16, 4, 4), (32, 4, 4), (64, 4, 4), (64, 4, 3), (128, 4, 3)]]
+
+    @triton.jit
+    def _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, block, NESTED: tl.constexpr,
+               NESTED_BLOCK: tl.constexpr):
+        if NESTED:
+            q = tl.load(absmax_ptr + block).to(tl.int32)
+            group = block // NESTED_BLOCK
+            return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + group) + tl.load(offset2_ptr + group)
+        else:
+            return tl.load(absmax_ptr + block)
+
+    @triton.jit
+    def _nibbles(byte, code_ptr):
+        # the 16 float32 code values fill one cache line, so each look-up is one pass through L1
+        return tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))
+
+    @triton.jit
+    def _split_pairs(pairs):
+        # int32 holding two bf16 (element 2j in the low half) -> two float32
+        even = (pairs << 16).to(tl.float32, bitcast=True)
+        odd = (pairs & -65536).to(tl.float32, bitcast=True)
+        return even, odd
+
+    @triton.jit
+    def _finish(acc, out_offsets, out_mask, out_ptr, work_ptr, count_ptr, tile, part, splits, part_stride):
+        """Write the tile; with K split over several programs, each writes its partial sums to the workspace
+        and the last to arrive adds them up and writes the output (one launch, no atomics on the output)."""
+        if splits == 1:
+            tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            tl.store(work_ptr + part * part_stride + out_offsets, acc, mask=out_mask)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+            if arrived == splits - 1:
+                tl.debug_barrier()
+                total = tl.zeros_like(acc)
+                for other in range(0, splits):
+                    total += tl.load(work_ptr + other * part_stride + out_offsets, mask=out_mask, other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replay)
+
+    @triton.autotune(configs=_matvec_configs(), key=["N", "K", "EXACT", "ABLATE"])
+    @triton.jit
+    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
+                           work_ptr, count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                           EXACT: tl.constexpr, ABLATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """One token: out[n] = sum_k x[k] * W[n, k]. Program (i, s): BLOCK_N rows, part s of K, BLOCK_G blocks
+        of 64 weights a step. EXACT: each weight rounded to bf16 as bitsandbytes' dequantized weight is, else
+        the block's scale is applied once to its float32 sum. ABLATE (timing only, wrong answers): 1 leaves
+        out the code look-up, 2 the activations, 3 everything but reading the bytes."""
+        tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rows, N - 1)  # the last tile recomputes a row rather than masking every load
+        blocks_per_row = K // 64
+        half_k = K // 2
+        per_part = tl.cdiv(blocks_per_row, splits)
+        first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
+        j = tl.arange(0, 32)
+        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        for g0 in range(first, last, BLOCK_G):
+            groups = g0 + tl.arange(0, BLOCK_G)
+            inside = groups < last
+            offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + j[None, None, :]
+            byte = tl.load(packed_ptr + offsets, mask=inside[None, :, None], other=0,
+                           eviction_policy="evict_first").to(tl.int32)
+            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
+                           rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
+                           NESTED, NESTED_BLOCK)
+            if ABLATE == 3:
+                acc += tl.sum(byte.to(tl.float32), axis=2)
+            else:
+                if ABLATE == 1:
+                    high, low = (byte >> 4).to(tl.float32), (byte & 15).to(tl.float32)
+                else:
+                    high, low = _nibbles(byte, code_ptr)
+                if ABLATE == 2:
+                    even, odd = high * 0 + 1.0, low * 0 + 1.0
+                else:
+                    pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
+                                    mask=inside[:, None], other=0)
+                    even, odd = _split_pairs(pairs)
+                    even, odd = even[None, :, :], odd[None, :, :]
+                if EXACT:
+                    high = (high * scale[:, :, None]).to(tl.bfloat16).to(tl.float32)
+                    low = (low * scale[:, :, None]).to(tl.bfloat16).to(tl.float32)
+                    acc += tl.sum(high * even + low * odd, axis=2)
+                else:
+                    acc += tl.sum(high * even + low * odd, axis=2) * scale
+        out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        _finish(tl.sum(acc, axis=1), out_rows, out_rows < N, out_ptr, work_ptr, count_ptr, tile, part, splits, N)
+
+    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"])
+    @triton.jit
+    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
+                           work_ptr, count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """A few tokens (2..32): one block of 64 weights a step for BLOCK_N rows, dequantized to bf16 in
+        registers (as bitsandbytes rounds them), products on the tensor cores; K split as in the matvec."""
+        tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
+        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rows, N - 1)
+        tokens = tl.arange(0, BLOCK_M)
+        token_rows = tl.minimum(tokens, M - 1)
+        blocks_per_row = K // 64
+        half_k = K // 2
+        per_part = tl.cdiv(blocks_per_row, splits)
+        first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
+        j = tl.arange(0, 32)
+        x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + token_rows[:, None] * half_k + j[None, :]
+        weights = packed_ptr + rows[None, :] * half_k + j[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for block in range(first, last):
+            byte = tl.load(weights + block * 32, eviction_policy="evict_first").to(tl.int32)  # (32, BLOCK_N)
+            high, low = _nibbles(byte, code_ptr)
+            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows * blocks_per_row + block,
+                           NESTED, NESTED_BLOCK)[None, :]
+            even, odd = _split_pairs(tl.load(x_pairs + block * 32))
+            acc = tl.dot(even.to(tl.bfloat16), (high * scale).to(tl.bfloat16), acc)
+            acc = tl.dot(odd.to(tl.bfloat16), (low * scale).to(tl.bfloat16), acc)
+        out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        offsets = tokens[:, None] * N + out_rows[None, :]
+        _finish(acc, offsets, (tokens[:, None] < M) & (out_rows[None, :] < N), out_ptr, work_ptr, count_ptr,
+                tile, part, splits, M * N)
+
+
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial sums and arrival counters for split products, one pair per device (launches on one stream run
+    one after another, and each leaves its counters at zero)."""
+    if device not in _workspaces:
+        _workspaces[device] = (torch.empty(MAX_SPLITS * MAX_BATCH * MAX_ROWS, dtype=torch.float32, device=device),
+                               torch.zeros(MAX_ROWS, dtype=torch.int32, device=device))
+    return _workspaces[device]
+
+
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None, *, exact: bool = True,
+               ablate: int = 0) -> torch.Tensor:
+    """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
+
+    The decode paths call this for every 4-bit linear (or joined group of linears) of a step; up to
+    MAX_BATCH tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into. `exact`
+    (one token): round each weight to bf16 as bitsandbytes does; `ablate`: see `_nf4_matvec_kernel` (timing)."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"nf4_matmul reads bf16 activations, got {x.dtype}")
+    shape = x.shape
+    x2 = x.reshape(-1, weight.k)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_BATCH and out is None:
+        return torch.cat([nf4_matmul(chunk, weight) for chunk in x2.split(MAX_BATCH)]).view(*shape[:-1], weight.n)
+    if m > MAX_BATCH:
+        raise ValueError(f"nf4_matmul writes at most {MAX_BATCH} tokens into `out`")
+    if out is None:
+        out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
+    nested = weight.code2 is not None
+    work, counts = _workspace(x.device)
+    args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
+            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.code,
+            out, work, counts)
+    blocks_per_row = weight.k // BLOCK_SIZE
+
+    def grid(meta):
+        tiles = triton.cdiv(weight.n, meta["BLOCK_N"])
+        return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
+
+    if m == 1:
+        _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
+                                 EXACT=exact, ABLATE=ablate)
+    else:
+        _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
+                                 BLOCK_M=16 if m <= 16 else 32)
+    return out.view(*shape[:-1], weight.n)
+
+
+def random_nf4_linear(n: int, k: int, device: torch.device | str = "cuda", *, double_quant: bool = True,
+                      quant_type: str = "nf4", blocksize: int = BLOCK_SIZE) -> Any:
+    """A bitsandbytes `Linear4bit` (k -> n) with random weights quantized as `load_model(load_in_4bit=True)`
+    quantizes them, for checks and benchmarks."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bf
+
+    weight = torch.randn(n, k, dtype=torch.bfloat16, device=device) * 0.02
+    module = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.bfloat16, compress_statistics=double_quant,
+                               quant_type=quant_type, device="meta")
+    packed, state = bf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=double_quant,
+                                     quant_type=quant_type)
+    module.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+                                      compress_statistics=double_quant, quant_type=quant_type, bnb_quantized=True,
+                                      module=module)
+    return module
