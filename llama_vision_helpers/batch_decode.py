@@ -226,8 +226,9 @@ class BatchDecoder:
         request's own generator (one uniform number a row, so a row's draw does not depend on its neighbours)."""
         requests = [self.slots[row] for row in rows]
         logits = self.logits[torch.tensor(rows, device=self.logits.device)].float()
-        banned = torch.tensor([len(r.tokens) < r.min_new_tokens for r in requests], device=logits.device)
-        if self.eos and bool(banned.any()):
+        banned = [len(r.tokens) < r.min_new_tokens for r in requests]
+        if self.eos and any(banned):
+            banned = torch.tensor(banned, device=logits.device)
             logits[:, self.eos] = torch.where(banned[:, None], float("-inf"), logits[:, self.eos])
         tokens = logits.argmax(dim=-1)
         sampling = [r.do_sample for r in requests]

@@ -214,7 +214,8 @@ class FastDecoder:
                 self._step(state)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread-local: in a server, other threads (preparing the next requests' inputs) use the GPU meanwhile
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._step(state)
         state.graph = graph
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timezone
@@ -24,7 +26,7 @@ from llama_vision_helpers.batch_scheduler import BatchScheduler
 from llama_vision_helpers.bench import random_weights_checkpoint
 from llama_vision_helpers.engine import Engine, SerialScheduler
 from llama_vision_helpers.generation import prepare_inputs, user_message
-from llama_vision_helpers.loadtest import QUESTION, format_table, run_loadtest, synthetic_image
+from llama_vision_helpers.loadtest import QUESTION, format_table, synthetic_image
 from llama_vision_helpers.model import load_model
 from llama_vision_helpers.server import create_app
 
@@ -95,11 +97,12 @@ def serve_and_load(vlm, scheduler, clients: list[int], max_tokens: int, image_si
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    try:
-        result = run_loadtest(f"http://127.0.0.1:{port}/v1", clients, max_tokens=max_tokens, force_length=True,
-                              image_size=image_size,
-                              on_level=lambda level: log(f"  {level['clients']} clients:",
-                                                         {k: v for k, v in level.items() if k != "requests"}))
+    saved = Path(tempfile.mkdtemp()) / "loadtest.json"
+    try:  # the clients run in their own process, as a room's would (not sharing this one's interpreter lock)
+        subprocess.run([sys.executable, "-m", "llama_vision_helpers.cli", "loadtest", f"http://127.0.0.1:{port}/v1",
+                        "--clients", *map(str, clients), "--max-tokens", str(max_tokens), "--force-length",
+                        "--image-size", str(image_size), "--json", str(saved)], check=True, timeout=1800)
+        result = json.loads(saved.read_text())
     finally:
         server.should_exit = True
         thread.join(30)
