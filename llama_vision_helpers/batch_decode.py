@@ -113,7 +113,9 @@ class BatchDecoder:
 
     def __init__(self, model: Any, *, max_batch: int, slot_length: int = DEFAULT_SLOT_LENGTH,
                  use_cuda_graph: bool | None = None) -> None:
-        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph)
+        # the elementwise work stays eager (inside the graphs): compiled, every new batch bucket and cache length
+        # would stall every running request for a compilation; the 4-bit kernel is used all the same
+        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph, compile_elementwise=False)
         self.model = model
         self.max_batch, self.slot_length = max_batch, min(slot_length, self.fast.max_positions)
         self.buckets = bucket_sizes(max_batch)
@@ -286,6 +288,16 @@ class BatchDecoder:
                 logits=self.logits[:batch],
             )
         return self._states[key]
+
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Capture the graphs of every batch bucket for the first cache length, with and without images, so
+        that requests arriving later do not wait for a capture (on CUDA; nothing to do without graphs)."""
+        if not self.fast.use_cuda_graph or self.running:
+            return
+        for batch in self.buckets:
+            for with_image in (False, True):
+                self.fast._run_step(self._state(batch, min(LENGTH_BUCKET, self.slot_length), with_image))
 
     def run(self, requests: Sequence[SlotRequest]) -> list[SlotRequest]:
         """Decode `requests` to the end, admitting them as slots free up (for scripts and tests)."""

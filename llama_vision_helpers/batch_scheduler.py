@@ -40,6 +40,7 @@ class BatchScheduler:
         model = engine.vlm.model
         self.decoder = BatchDecoder(model, max_batch=slots_that_fit(model, self.slot_length, cap=self.max_batch),
                                     slot_length=self.slot_length, use_cuda_graph=self.use_cuda_graph)
+        self.decoder.warm_up()
         eos = set(self.decoder.eos)
         held: Request | None = None  # the next request, waiting for enough free slots
         while True:

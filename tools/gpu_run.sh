@@ -25,7 +25,8 @@ case "$what" in
             2>&1 | tee "$out/bench.log" ;;
   spread) python3 -m llama_vision_helpers.cli bench --random-weights 90b --spread --new-tokens 32 --repeats 2 \
             --json "$out/spread_90b.json" ;;
-  loadtest) python3 tools/loadtest_gpu.py --out "$out" 2>&1 | tee "$out/loadtest.log" ;;
+  loadtest) python3 tools/loadtest_gpu.py --precisions bf16 --out "$out" 2>&1 | tee "$out/loadtest.log"
+            python3 tools/loadtest_gpu.py --precisions bnb4 --queue-clients 1 8 --out "$out" 2>&1 | tee -a "$out/loadtest.log" ;;
   kernel) python3 tools/nf4_kernel_bench.py --out "$out" 2>&1 | tee "$out/kernel.log" ;;
   profile) python3 tools/profile_decode.py ${PROFILE_VARIANTS:-} 2>&1 | tee "$out/profile.log" ;;
   *) echo "usage: bash tools/gpu_run.sh [tests|bench|spread|kernel|profile|loadtest ...]"; exit 2 ;;
