@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test,notebooks,app]"
+	$(PY) -m pip install -q -e ".[test,notebooks,app,serve]"
 	touch $@
 
 setup: $(STAMP)

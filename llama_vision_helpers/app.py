@@ -1,27 +1,29 @@
 """The Gradio chat app: upload an image, ask about it, follow up; answers stream as they are generated.
 
-Each request gets its own TextIteratorStreamer and worker thread, so concurrent users never see each other's
-tokens; the queue lets one generation use the GPU at a time and shows the others their place in line.
-Gradio is imported only here (the `app` extra).
+The app holds no conversation logic of its own: each message rebuilds the library's `Chat` from the history and
+asks it. Locally the model sits behind an `engine.Engine` (the same one `llama-vision serve --app` shares with the
+API), which runs one generation at a time and tells the others their place in line; with `--model http://...`
+the app is a client of a server. Gradio is imported only here (the `app` extra).
 """
 
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .generation import assistant_message, generate_answers, prepare_inputs, user_message
+from .defaults import DEFAULT_SETTINGS
+from .generation import Chat
 from .images import ImageLoadError, load_image
-from .model import VisionModel
 
 NOTICE = "⚠️ "  # marks the app's own messages, which are left out of what the model sees
 NEED_IMAGE = NOTICE + "Please upload an image first (drag it into the box or use the paperclip), then ask about it."
 ONE_IMAGE = NOTICE + ("This conversation already has an image, and the model was trained on one image per "
                       "conversation. Start a new chat to ask about another image.")
-STREAM_TIMEOUT_S = 600
+PLACE_SHOWN_AFTER_S = 0.3  # a request that waits longer than this sees its place in line
 
 
 def content_parts(content: Any) -> tuple[list[str], list[str]]:
@@ -64,23 +66,20 @@ def conversation(history: Sequence[dict]) -> tuple[str | None, list[tuple[str, s
     return image, turns
 
 
-def _stop_on(event: threading.Event):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopOnEvent(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            import torch
-
-            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool)
-
-    return StoppingCriteriaList([StopOnEvent()])
+def _notice_of_place(position: int) -> str:
+    ahead = position - 1
+    return NOTICE + ("Waiting for the model: you are next." if ahead == 0 else
+                     f"Waiting for the model: {ahead} request{'s' if ahead > 1 else ''} ahead of you.")
 
 
-def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_new_tokens: float = 512,
-            temperature: float = 1.5, min_p: float = 0.1, greedy: bool = False) -> Iterator[str]:
-    """Answer one chat message, yielding the answer so far as it streams (or one notice)."""
-    from transformers import TextIteratorStreamer
+def respond(model: Any, message: dict | str, history: Sequence[dict], max_new_tokens: float = 512,
+            temperature: float = DEFAULT_SETTINGS["temperature"], min_p: float = DEFAULT_SETTINGS["min_p"],
+            greedy: bool = False) -> Iterator[str]:
+    """Answer one chat message, yielding the answer so far as it streams (or one notice).
 
+    `model`: a loaded model, a shared `engine.Engine` or a model on a server; the conversation is the library's
+    `Chat`, rebuilt from the history. While a shared engine makes the request wait, its place in line is shown.
+    """
     text, files = (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
     new_files = [path for item in files for path in ([item] if isinstance(item, str) else content_parts(item)[1])]
     image_path, turns = conversation(history)
@@ -97,40 +96,50 @@ def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_
     if image_path is None:
         yield NEED_IMAGE
         return
-    if not text.strip():
-        text = "Describe the image accurately."
 
-    messages: list[dict] = []
-    for index, (question, answer) in enumerate(turns):
-        messages += [user_message(question, with_image=index == 0), assistant_message(answer)]
-    messages.append(user_message(text, with_image=not turns))
-    inputs = prepare_inputs(vlm, messages, load_image(image_path))
-    streamer = TextIteratorStreamer(vlm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                                    timeout=STREAM_TIMEOUT_S)
+    chat = Chat(model, image_path, stream=False, max_new_tokens=int(max_new_tokens), temperature=temperature,
+                min_p=min_p, do_sample=not greedy)
+    for question, answer in turns:
+        chat.add_turn(question, answer)
+    updates: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
-    failure: list[BaseException] = []
+    finished = object()
 
     def work() -> None:
         try:
-            generate_answers(vlm, inputs, stream=streamer, stopping_criteria=_stop_on(stop),
-                             max_new_tokens=int(max_new_tokens), temperature=temperature, min_p=min_p,
-                             do_sample=not greedy)
+            chat.ask(text, stream=lambda chunk: updates.put(chunk), stop_event=stop,
+                     on_position=lambda place: updates.put(place))
+            updates.put(finished)
         except BaseException as err:  # reported in the chat below; the app keeps serving
-            failure.append(err)
-            streamer.end()
+            updates.put(err)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
-    answer = ""
+    answer, place = "", None
     try:
-        for chunk in streamer:
-            answer += chunk
-            yield answer
+        while True:
+            try:
+                update = updates.get(timeout=PLACE_SHOWN_AFTER_S)
+            except queue.Empty:
+                if not answer and place is not None:
+                    yield _notice_of_place(place)
+                continue
+            if update is finished:
+                break
+            if isinstance(update, BaseException):
+                reason = str(update) if isinstance(update, ValueError) else f"{type(update).__name__}: {update}"
+                yield (answer + "\n\n" if answer else "") + f"{NOTICE}{reason}"
+                return
+            if isinstance(update, int):
+                place = update
+            else:
+                answer += update
+                yield answer
     finally:
         stop.set()  # the stop button, or a closed tab, ends generation at the next token
         worker.join()
-    if failure:
-        yield answer + f"\n\n{NOTICE}Generation failed: {type(failure[0]).__name__}: {failure[0]}"
+    if not answer:
+        yield answer
 
 
 def example_messages(input_dir: Path | None = None) -> list[list[Any]]:
@@ -145,22 +154,23 @@ def example_messages(input_dir: Path | None = None) -> list[list[Any]]:
     return [[{"text": question, "files": [str(folder / name)]}] for name, question in pairs if (folder / name).exists()]
 
 
-def build_app(vlm: VisionModel):
-    """The chat app for a loaded model, as a Gradio Blocks (not yet launched)."""
+def build_app(model: Any):
+    """The chat app for a model (an `Engine`, a model on a server, or a loaded model), not yet launched."""
     import gradio as gr
 
     def chat(message, history, max_new_tokens, temperature, min_p, greedy):
-        yield from respond(vlm, message, history, max_new_tokens, temperature, min_p, greedy)
+        yield from respond(model, message, history, max_new_tokens, temperature, min_p, greedy)
 
     chat.__name__ = "respond"  # the API endpoint is named after the function: /respond
+    defaults = [512, DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], False]
     settings = [
-        gr.Slider(16, 2048, value=512, step=16, label="max new tokens"),
-        gr.Slider(0.1, 2.0, value=1.5, step=0.05, label="temperature"),
-        gr.Slider(0.0, 0.5, value=0.1, step=0.01, label="min_p"),
-        gr.Checkbox(value=False, label="greedy (ignores temperature and min_p)"),
+        gr.Slider(16, 2048, value=defaults[0], step=16, label="max new tokens"),
+        gr.Slider(0.1, 2.0, value=defaults[1], step=0.05, label="temperature"),
+        gr.Slider(0.0, 0.5, value=defaults[2], step=0.01, label="min_p"),
+        gr.Checkbox(value=defaults[3], label="greedy (ignores temperature and min_p)"),
     ]
-    warning = " Its answers are noise: this is the tiny random test model." if vlm.is_random else ""
-    examples = [example + [512, 1.5, 0.1, False] for example in example_messages()]
+    warning = " Its answers are noise: this is the tiny random test model." if model.is_random else ""
+    examples = [example + defaults for example in example_messages()]
     return gr.ChatInterface(
         chat,
         multimodal=True,
@@ -171,19 +181,39 @@ def build_app(vlm: VisionModel):
         examples=examples or None,
         cache_examples=False,
         title="Llama 3.2 Vision chat",
-        description=f"Model: {vlm.model_name} ({vlm.backend}). One image per conversation.{warning}",
+        description=f"Model: {model.model_name} ({model.backend}). One image per conversation.{warning}",
         analytics_enabled=False,
         fill_height=True,
     )
 
 
-def launch(vlm: VisionModel, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
+# Gradio hands this many messages to the model at once; the engine queues them and shows each its place.
+APP_CONCURRENCY = 32
+
+
+def launch(model: Any, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            block: bool = True):
-    """Serve the app; one generation runs at a time and the others wait in the queue."""
-    demo = build_app(vlm)
-    demo.queue(default_concurrency_limit=1, max_size=64)
+    """Serve the app. A loaded model is put behind an `Engine` first, so generations take turns on it."""
+    from .engine import Engine
+    from .model import VisionModel
+
+    backend = Engine(model) if isinstance(model, VisionModel) else model
+    demo = build_app(backend)
+    demo.queue(default_concurrency_limit=APP_CONCURRENCY, max_size=256)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block)
     return demo
+
+
+def mount(fastapi_app: Any, engine: Any, *, path: str = "/app", api_key: str | None = None) -> Any:
+    """Add the app to the API server at `path`, on the same engine; with an API key it asks for it as password."""
+    import hmac
+
+    import gradio as gr
+
+    demo = build_app(engine).queue(default_concurrency_limit=APP_CONCURRENCY, max_size=256)
+    auth = (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
+    return gr.mount_gradio_app(fastapi_app, demo, path=path, auth=auth,
+                               auth_message="Any user name; the password is the room's API key." if auth else None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -202,4 +232,4 @@ def run_app(args: argparse.Namespace) -> int:
         print("The app needs gradio: pip install -e .[app]")
         return 2
     launch(load_model(args.model, backend=args.backend), host=args.host, port=args.port, share=args.share)
-    return 0
+    return 0  # a model on a server (--model http://...) is used as it is: the app is then its client

@@ -165,6 +165,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = Engine(vlm, scheduler_for(vlm, args.max_batch))
     url = room_url(args.host, args.port)
     print(f"Serving {engine.model_name} at {url}", file=sys.stderr)
+    if args.app:
+        print(f"  the chat app: {url.removesuffix('/v1')}/app", file=sys.stderr)
     print(f"  on each laptop: LLAMA_VISION_MODEL={url}" + (f" {API_KEY_ENV}=<the key>" if api_key else ""),
           file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
@@ -172,7 +174,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels)
     serve(engine, host=args.host, port=args.port, api_key=api_key, allow_image_urls=args.allow_image_urls,
-          limits=limits)
+          limits=limits, with_app=args.app)
     return 0
 
 
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="answers decoded together at most (default: as many as the GPU memory holds, up to "
                             "64, on a CUDA GPU; 1, one request at a time, elsewhere)")
     serve.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS, help="largest image, in pixels")
+    serve.add_argument("--app", action="store_true", help="also serve the chat app at /app, on the same model")
     serve.set_defaults(handler=cmd_serve)
 
     loadtest = sub.add_parser("loadtest", help="many clients at once against a server: time to first token, tokens/s")

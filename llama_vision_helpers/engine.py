@@ -223,9 +223,9 @@ class Request:
         Sends the rest of its text; a row ended by a stop string reports "stop" whatever the scheduler says."""
         if index in self._open:
             self._open.discard(index)
-            self._rows[index].finish("cancelled" if self.cancelled else reason)
             if not self._open:
-                self._end()
+                self._end()  # before the last event, so a caller that has it sees the bookkeeping done
+            self._rows[index].finish("cancelled" if self.cancelled else reason)
 
     def finish_all(self, reason: str) -> None:
         """End every answer still open (a request cancelled before it ran)."""
@@ -237,8 +237,8 @@ class Request:
         if not self._ended.is_set():
             self._open.clear()
             self.error = error
-            self._send(Failed(error))
             self._end()
+            self._send(Failed(error))
 
     def _end(self) -> None:
         self._ended.set()

@@ -274,9 +274,14 @@ async def _stream(request: Request, prepared, events: asyncio.Queue, completion:
 
 
 def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, api_key: str | None = None,
-          allow_image_urls: bool = False, limits: Limits = Limits(), log_level: str = "info") -> None:
-    """Run the API with uvicorn until interrupted."""
+          allow_image_urls: bool = False, limits: Limits = Limits(), with_app: bool = False,
+          log_level: str = "info") -> None:
+    """Run the API with uvicorn until interrupted; `with_app` also serves the chat app at /app (same engine)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, api_key=api_key, allow_image_urls=allow_image_urls, limits=limits), host=host,
-                port=port, log_level=log_level)
+    app = create_app(engine, api_key=api_key, allow_image_urls=allow_image_urls, limits=limits)
+    if with_app:
+        from .app import mount
+
+        app = mount(app, engine, api_key=api_key)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

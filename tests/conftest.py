@@ -110,8 +110,8 @@ class RunningServer:
         self.log.close()
 
 
-# small limits, so the tests can cross them with small bodies
-SERVER_LIMITS = ("--max-body-mb", "1", "--max-image-pixels", "300000")
+# limits the tests can cross with small bodies, and every picture in input/ stays within
+SERVER_LIMITS = ("--max-body-mb", "1", "--max-image-pixels", "400000")
 
 
 @pytest.fixture(scope="session")

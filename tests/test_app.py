@@ -13,8 +13,10 @@ import pytest
 
 from llama_vision_helpers import app as app_module
 from llama_vision_helpers.app import NEED_IMAGE, NOTICE, ONE_IMAGE, content_parts, conversation, respond
-from llama_vision_helpers import Chat
-from llama_vision_helpers.generation import generate_answers
+import threading
+
+from llama_vision_helpers import Chat, load_image
+from llama_vision_helpers.engine import Engine, Sampling, SerialScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = ROOT / "input"
@@ -82,20 +84,63 @@ def test_answers_stream_and_follow_ups_keep_the_image(vlm):
     assert second == chat.ask("What colour is it?")
 
 
-def test_stopping_ends_generation_early(vlm, monkeypatch):
-    produced = []
+@pytest.fixture(scope="module")
+def engine(vlm):
+    engine = Engine(vlm)
+    yield engine
+    engine.close()
 
-    def recording(*args, **kwargs):
-        produced.extend(generate_answers(*args, **kwargs))
-        return produced
 
-    monkeypatch.setattr(app_module, "generate_answers", recording)
-    stream = respond(vlm, {"text": "Describe it.", "files": [str(INPUT / "image_3.jpg")]}, [],
+def test_stopping_ends_generation_early(engine):
+    before = engine.stats()
+    stream = respond(engine, {"text": "Describe it.", "files": [str(INPUT / "image_3.jpg")]}, [],
                      max_new_tokens=2000, greedy=True)
     next(stream)
     stream.close()  # what Gradio does when the stop button is pressed
-    tokens = vlm.processor.tokenizer(produced[0], add_special_tokens=False)["input_ids"]
-    assert len(tokens) < 1000
+    after = engine.stats()
+    assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
+
+
+def test_a_waiting_message_shows_its_place_in_line(vlm):
+    gate = threading.Event()
+
+    class Gated:
+        def run(self, engine):
+            gate.wait(60)
+            SerialScheduler().run(engine)
+
+    gated = Engine(vlm, Gated())
+    try:
+        ahead = gated.submit(Chat(vlm, INPUT / "image_1.jpg").messages("Hi"), load_image(INPUT / "image_1.jpg"),
+                             Sampling(max_new_tokens=4, do_sample=False))
+        stream = respond(gated, {"text": "Describe it.", "files": [str(INPUT / "image_2.jpg")]}, [], **GREEDY)
+        assert next(stream) == NOTICE + "Waiting for the model: 1 request ahead of you."
+        gate.set()
+        answer = last(stream)
+        assert answer == greedy_chat(vlm, INPUT / "image_2.jpg").ask("Describe it.")
+        assert list(ahead)
+    finally:
+        gate.set()
+        gated.close()
+
+
+def test_the_app_as_a_client_of_a_server_answers_as_chat_does(vlm, tmp_path):
+    from conftest import RunningServer
+
+    from llama_vision_helpers import load_model
+
+    running = RunningServer(tmp_path / "serve.log").wait_ready()
+    try:
+        remote = load_model(running.url)
+        image = str(INPUT / "image_2.jpg")
+        first = last(respond(remote, {"text": "Describe it.", "files": [image]}, [], **GREEDY))
+        chat = greedy_chat(vlm, image)
+        assert first == chat.ask("Describe it.")
+        history = [{"role": "user", "content": [{"path": image}, "Describe it."]},
+                   {"role": "assistant", "content": first}]
+        assert last(respond(remote, {"text": "More?", "files": []}, history, **GREEDY)) == chat.ask("More?")
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")
