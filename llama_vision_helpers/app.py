@@ -193,11 +193,13 @@ APP_CONCURRENCY = 32
 
 def launch(model: Any, *, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
            block: bool = True):
-    """Serve the app. A loaded model is put behind an `Engine` first, so generations take turns on it."""
+    """Serve the app. A loaded model is put behind an `Engine` first, so generations share it (batched on a
+    CUDA GPU, taking turns elsewhere)."""
+    from .batch_scheduler import scheduler_for
     from .engine import Engine
     from .model import VisionModel
 
-    backend = Engine(model) if isinstance(model, VisionModel) else model
+    backend = Engine(model, scheduler_for(model)) if isinstance(model, VisionModel) else model
     demo = build_app(backend)
     demo.queue(default_concurrency_limit=APP_CONCURRENCY, max_size=256)
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block)
