@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .nf4_gemv import nf4_kernel_available, nf4_matmul
+from .nf4_gemv import KERNEL_MAX_TOKENS, nf4_kernel_available, nf4_matmul
 
 # What the fast loop understands; anything else (beam search, repetition penalty, ...) goes to `generate`.
 SUPPORTED_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "min_p", "num_return_sequences",
@@ -111,9 +111,10 @@ class FastDecoder:
         """The outputs of one group of linears (`projections[index][name]`) for the decode input `x`.
 
         The hook every decode path calls for its matrix products: bitsandbytes nf4 weights go through the 4-bit
-        kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group), anything else through the modules."""
+        kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group) for up to KERNEL_MAX_TOKENS tokens,
+        anything else through the modules."""
         weight = self.nf4_weights.get((index, name))
-        if weight is None:
+        if weight is None or x.numel() // weight.k > KERNEL_MAX_TOKENS:
             return tuple(module(x) for module in self.projections[index][name])
         return nf4_matmul(x, weight).split(weight.splits, dim=-1)
 
@@ -289,8 +290,14 @@ class FastDecoder:
         state, logits = self._prefill(inputs, batch, max_new_tokens)
         if streamer is not None:
             streamer.put(prompt.cpu())
-        finished = torch.zeros(batch, dtype=torch.bool)
-        eos_ids = torch.tensor(eos, dtype=torch.long)
+        # Tokens are chosen on the device, and the next step is queued before the host reads them (through a
+        # pinned buffer and an event), so streaming and stop checks overlap the device's work on the next token.
+        # A step queued after the last token is read is simply not used.
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        host_tokens = torch.empty(batch, dtype=torch.long, pin_memory=pinned)
+        done, eos_host = torch.zeros(batch, dtype=torch.bool), eos_ids.cpu()
         produced: list[torch.Tensor] = []
         prompt_length = prompt.shape[1]
 
@@ -299,17 +306,25 @@ class FastDecoder:
 
         for step in range(max_new_tokens):
             tokens = self._next_tokens(logits, do_sample=do_sample, temperature=temperature, min_p=min_p,
-                                       banned=eos if step < min_new_tokens else None).cpu()
+                                       banned=eos if step < min_new_tokens else None).to(self.device)
             tokens = torch.where(finished, pad, tokens)  # a finished sequence only pads
-            produced.append(tokens)
             finished |= torch.isin(tokens, eos_ids)
+            host_tokens.copy_(tokens, non_blocking=pinned)
+            copied = torch.cuda.Event() if pinned else None
+            if copied is not None:
+                copied.record()
+            if step < max_new_tokens - 1:
+                logits = self._decode(state, tokens, prompt_length + step)
+            if copied is not None:
+                copied.synchronize()
+            produced.append(host_tokens.clone())
             if streamer is not None:
-                streamer.put(tokens)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+                streamer.put(produced[-1])
+            done |= torch.isin(produced[-1], eos_host)
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if stopping_criteria is not None and bool(torch.as_tensor(stopping_criteria(sequences(), None)).all()):
                 break
-            logits = self._decode(state, tokens.to(self.device), prompt_length + step)
         if streamer is not None:
             streamer.end()
         return sequences().to(prompt.device)
