@@ -79,6 +79,8 @@ class FastDecoder:
         self.projections["lm_head"] = {"lm_head": [model.lm_head]}
         use_kernel = nf4_kernel_available(self.device) if use_nf4_kernel is None else use_nf4_kernel
         self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
+        # on a GPU, plain linears of a group are joined too (one product instead of three or two)
+        self.dense_weights = self._join_dense_weights() if self.device.type == "cuda" else {}
         compile_ops = self.device.type == "cuda" if compile_elementwise is None else compile_elementwise
         self._ops = _compiled_ops() if compile_ops else _EAGER_OPS
 
@@ -107,12 +109,32 @@ class FastDecoder:
                     continue
         return weights
 
+    def _join_dense_weights(self) -> dict[tuple[Any, str], tuple[torch.Tensor, list[int]]]:
+        """Plain (bias-free) linears of each group with several members, their weights concatenated; the modules
+        then hold views of the joined weight (same values, no extra memory)."""
+        weights = {}
+        for index, groups in self.projections.items():
+            for name, modules in groups.items():
+                if len(modules) < 2 or (index, name) in self.nf4_weights or not all(
+                        type(m) is torch.nn.Linear and m.bias is None for m in modules):
+                    continue
+                joined = torch.cat([m.weight.data for m in modules])
+                start = 0
+                for module in modules:
+                    module.weight.data = joined[start:start + module.out_features]
+                    start += module.out_features
+                weights[index, name] = (joined, [m.out_features for m in modules])
+        return weights
+
     def project(self, index: Any, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of one group of linears (`projections[index][name]`) for the decode input `x`.
 
         The hook every decode path calls for its matrix products: bitsandbytes nf4 weights go through the 4-bit
         kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group) for up to KERNEL_MAX_TOKENS tokens,
         anything else through the modules."""
+        dense = self.dense_weights.get((index, name))
+        if dense is not None:
+            return F.linear(x, dense[0]).split(dense[1], dim=-1)
         weight = self.nf4_weights.get((index, name))
         if weight is None or x.numel() // weight.k > KERNEL_MAX_TOKENS:
             return tuple(module(x) for module in self.projections[index][name])
