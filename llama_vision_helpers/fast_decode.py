@@ -11,6 +11,7 @@ On a CPU the same loop runs without the graph, which is how its correctness is t
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +78,9 @@ class FastDecoder:
         self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
         self.projections = {index: self._projection_groups(index, layer) for index, layer in enumerate(self.text.layers)}
         self.projections["lm_head"] = {"lm_head": [model.lm_head]}
-        use_kernel = nf4_kernel_available(self.device) if use_nf4_kernel is None else use_nf4_kernel
+        if use_nf4_kernel is None:  # LLAMA_VISION_NF4_KERNEL=0 keeps bitsandbytes' own kernels (for comparison)
+            use_nf4_kernel = os.environ.get("LLAMA_VISION_NF4_KERNEL", "1") != "0"
+        use_kernel = use_nf4_kernel and nf4_kernel_available(self.device)
         self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
         # on a GPU, plain linears of a group are joined too (one product instead of three or two)
         self.dense_weights = self._join_dense_weights() if self.device.type == "cuda" else {}
@@ -369,19 +372,27 @@ class _Ops:
     to the model's dtype after each operation)."""
 
     @staticmethod
+    def rms_norm(x, weight, eps):
+        """transformers' MllamaTextRMSNorm: float32 statistics, rounded to the input dtype before the weight."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    @staticmethod
     def add_rms_norm(hidden, delta, weight, eps):
         hidden = hidden + delta
-        return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight=weight, eps=eps)
+        return hidden, _Ops.rms_norm(hidden, weight, eps)
 
     @staticmethod
     def gated_add_rms_norm(hidden, delta, gate, weight, eps):
         hidden = hidden + gate * delta
-        return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight=weight, eps=eps)
+        return hidden, _Ops.rms_norm(hidden, weight, eps)
 
     @staticmethod
     def head_rms_norm(q, weight, eps, num_heads: int, head_dim: int):
         q = q.view(q.shape[0], 1, num_heads, head_dim).transpose(1, 2)
-        return F.rms_norm(q, (head_dim,), weight=weight, eps=eps)
+        return _Ops.rms_norm(q, weight, eps)
 
     @staticmethod
     def rotary_and_cache(q, k, v, cos, sin, keys, values, position, num_heads: int, num_kv_heads: int,
@@ -413,10 +424,13 @@ _EAGER_OPS = _Ops()
 
 @functools.cache
 def _compiled_ops() -> Any:
-    """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten)."""
+    """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten), keeping
+    eager's rounding to bf16 after every operation (`emulate_precision_casts`), so that the fused step computes
+    what transformers computes."""
     compiled = _Ops()
     for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary_and_cache", "silu_mul", "gate_rows"):
-        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=False, fullgraph=True))
+        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=False, fullgraph=True,
+                                              options={"emulate_precision_casts": True}))
     return compiled
 
 
