@@ -11,6 +11,7 @@ On a CPU the same loop runs without the graph, which is how its correctness is t
 from __future__ import annotations
 
 import functools
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .nf4_gemv import nf4_kernel_available, nf4_matmul
+from .nf4_gemv import KERNEL_MAX_TOKENS, nf4_kernel_available, nf4_matmul
 
 # What the fast loop understands; anything else (beam search, repetition penalty, ...) goes to `generate`.
 SUPPORTED_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "min_p", "num_return_sequences",
@@ -77,8 +78,12 @@ class FastDecoder:
         self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
         self.projections = {index: self._projection_groups(index, layer) for index, layer in enumerate(self.text.layers)}
         self.projections["lm_head"] = {"lm_head": [model.lm_head]}
-        use_kernel = nf4_kernel_available(self.device) if use_nf4_kernel is None else use_nf4_kernel
+        if use_nf4_kernel is None:  # LLAMA_VISION_NF4_KERNEL=0 keeps bitsandbytes' own kernels (for comparison)
+            use_nf4_kernel = os.environ.get("LLAMA_VISION_NF4_KERNEL", "1") != "0"
+        use_kernel = use_nf4_kernel and nf4_kernel_available(self.device)
         self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
+        # on a GPU, plain linears of a group are joined too (one product instead of three or two)
+        self.dense_weights = self._join_dense_weights() if self.device.type == "cuda" else {}
         compile_ops = self.device.type == "cuda" if compile_elementwise is None else compile_elementwise
         self._ops = _compiled_ops() if compile_ops else _EAGER_OPS
 
@@ -107,13 +112,34 @@ class FastDecoder:
                     continue
         return weights
 
+    def _join_dense_weights(self) -> dict[tuple[Any, str], tuple[torch.Tensor, list[int]]]:
+        """Plain (bias-free) linears of each group with several members, their weights concatenated; the modules
+        then hold views of the joined weight (same values, no extra memory)."""
+        weights = {}
+        for index, groups in self.projections.items():
+            for name, modules in groups.items():
+                if len(modules) < 2 or (index, name) in self.nf4_weights or not all(
+                        type(m) is torch.nn.Linear and m.bias is None for m in modules):
+                    continue
+                joined = torch.cat([m.weight.data for m in modules])
+                start = 0
+                for module in modules:
+                    module.weight.data = joined[start:start + module.out_features]
+                    start += module.out_features
+                weights[index, name] = (joined, [m.out_features for m in modules])
+        return weights
+
     def project(self, index: Any, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The outputs of one group of linears (`projections[index][name]`) for the decode input `x`.
 
         The hook every decode path calls for its matrix products: bitsandbytes nf4 weights go through the 4-bit
-        kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group), anything else through the modules."""
+        kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group) for up to KERNEL_MAX_TOKENS tokens,
+        anything else through the modules."""
+        dense = self.dense_weights.get((index, name))
+        if dense is not None:
+            return F.linear(x, dense[0]).split(dense[1], dim=-1)
         weight = self.nf4_weights.get((index, name))
-        if weight is None:
+        if weight is None or x.numel() // weight.k > KERNEL_MAX_TOKENS:
             return tuple(module(x) for module in self.projections[index][name])
         return nf4_matmul(x, weight).split(weight.splits, dim=-1)
 
@@ -300,8 +326,14 @@ class FastDecoder:
         state, logits = self._prefill(inputs, batch, max_new_tokens)
         if streamer is not None:
             streamer.put(prompt.cpu())
-        finished = torch.zeros(batch, dtype=torch.bool)
-        eos_ids = torch.tensor(eos, dtype=torch.long)
+        # Tokens are chosen on the device, and the next step is queued before the host reads them (through a
+        # pinned buffer and an event), so streaming and stop checks overlap the device's work on the next token.
+        # A step queued after the last token is read is simply not used.
+        finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        host_tokens = torch.empty(batch, dtype=torch.long, pin_memory=pinned)
+        done, eos_host = torch.zeros(batch, dtype=torch.bool), eos_ids.cpu()
         produced: list[torch.Tensor] = []
         prompt_length = prompt.shape[1]
 
@@ -310,17 +342,25 @@ class FastDecoder:
 
         for step in range(max_new_tokens):
             tokens = self._next_tokens(logits, do_sample=do_sample, temperature=temperature, min_p=min_p,
-                                       banned=eos if step < min_new_tokens else None).cpu()
+                                       banned=eos if step < min_new_tokens else None).to(self.device)
             tokens = torch.where(finished, pad, tokens)  # a finished sequence only pads
-            produced.append(tokens)
             finished |= torch.isin(tokens, eos_ids)
+            host_tokens.copy_(tokens, non_blocking=pinned)
+            copied = torch.cuda.Event() if pinned else None
+            if copied is not None:
+                copied.record()
+            if step < max_new_tokens - 1:
+                logits = self._decode(state, tokens, prompt_length + step)
+            if copied is not None:
+                copied.synchronize()
+            produced.append(host_tokens.clone())
             if streamer is not None:
-                streamer.put(tokens)
-            if bool(finished.all()) or step == max_new_tokens - 1:
+                streamer.put(produced[-1])
+            done |= torch.isin(produced[-1], eos_host)
+            if bool(done.all()) or step == max_new_tokens - 1:
                 break
             if stopping_criteria is not None and bool(torch.as_tensor(stopping_criteria(sequences(), None)).all()):
                 break
-            logits = self._decode(state, tokens.to(self.device), prompt_length + step)
         if streamer is not None:
             streamer.end()
         return sequences().to(prompt.device)
@@ -343,19 +383,27 @@ class _Ops:
     to the model's dtype after each operation)."""
 
     @staticmethod
+    def rms_norm(x, weight, eps):
+        """transformers' MllamaTextRMSNorm: float32 statistics, rounded to the input dtype before the weight."""
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * x.to(dtype)
+
+    @staticmethod
     def add_rms_norm(hidden, delta, weight, eps):
         hidden = hidden + delta
-        return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight=weight, eps=eps)
+        return hidden, _Ops.rms_norm(hidden, weight, eps)
 
     @staticmethod
     def gated_add_rms_norm(hidden, delta, gate, weight, eps):
         hidden = hidden + gate * delta
-        return hidden, F.rms_norm(hidden, (hidden.shape[-1],), weight=weight, eps=eps)
+        return hidden, _Ops.rms_norm(hidden, weight, eps)
 
     @staticmethod
     def head_rms_norm(q, weight, eps, num_heads: int, head_dim: int):
         q = q.view(q.shape[0], 1, num_heads, head_dim).transpose(1, 2)
-        return F.rms_norm(q, (head_dim,), weight=weight, eps=eps)
+        return _Ops.rms_norm(q, weight, eps)
 
     @staticmethod
     def rotary_and_cache(q, k, v, cos, sin, keys, values, position, num_heads: int, num_kv_heads: int,
@@ -388,10 +436,13 @@ _EAGER_OPS = _Ops()
 
 @functools.cache
 def _compiled_ops() -> Any:
-    """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten)."""
+    """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten), keeping
+    eager's rounding to bf16 after every operation (`emulate_precision_casts`), so that the fused step computes
+    what transformers computes."""
     compiled = _Ops()
     for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary_and_cache", "silu_mul", "gate_rows"):
-        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=False, fullgraph=True))
+        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=False, fullgraph=True,
+                                              options={"emulate_precision_casts": True}))
     return compiled
 
 

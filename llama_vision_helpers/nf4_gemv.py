@@ -29,6 +29,9 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 BLOCK_SIZE = 64  # weights per scale, the only blocksize the kernels read
 NESTED_BLOCK_SIZE = 256  # scales per second-level scale (bitsandbytes' default for double quantization)
 MAX_BATCH = 32
+# Tokens a launch up to which nf4_matmul is at least as fast as bitsandbytes' own forward (H200, all decode linears
+# of the 11B model: docs/bench/decode-notes.md); the decode loop sends larger batches to bitsandbytes.
+KERNEL_MAX_TOKENS = 1
 
 
 class NF4Unsupported(ValueError):
@@ -147,7 +150,7 @@ if triton is not None:
     def _matvec_configs():
         return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
                 for bn, bg, w, s in [(8, 8, 4, 3), (16, 8, 4, 3), (32, 8, 4, 3), (16, 16, 4, 3), (8, 16, 4, 3),
-                                     (32, 4, 4, 3), (16, 8, 8, 3)]]
+                                     (32, 4, 4, 3), (16, 8, 8, 3), (64, 2, 4, 3), (32, 8, 8, 3), (16, 16, 8, 3)]]
 
     def _dot_configs():
         return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -290,7 +293,7 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _workspaces[device]
 
 
-def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None, *, exact: bool = True,
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None, *, exact: bool = False,
                ablate: int = 0) -> torch.Tensor:
     """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
 

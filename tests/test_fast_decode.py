@@ -112,3 +112,12 @@ def test_options_it_does_not_know_go_to_generate(vlm, photo, monkeypatch):
 def test_cpu_keeps_generate_by_default(vlm, photo, monkeypatch):
     monkeypatch.setattr(FastDecoder, "generate", lambda *a, **k: pytest.fail("fast loop used on CPU"))
     describe_image(vlm, photo, max_new_tokens=4, stream=False)
+
+
+def test_joined_plain_linears_keep_the_tokens(vlm, photo):
+    decoder = FastDecoder(vlm.model)
+    decoder.dense_weights = decoder._join_dense_weights()  # joined on GPUs by default; same values anywhere
+    assert decoder.dense_weights
+    inputs = image_inputs(vlm, photo)
+    expected = vlm.model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert torch.equal(decoder.generate(inputs, max_new_tokens=24, do_sample=False), expected)
