@@ -87,6 +87,38 @@ def agreement(vlm, requests: int, tokens: int, image_size: int) -> dict:
             "batch1_decode_tokens_per_s_median": round(sorted(rates)[len(rates) // 2], 1)}
 
 
+def time_parts(vlm, image_size: int, rows: int = 32) -> dict:
+    """Where a crowd's first tokens wait: one request's image decoding and preprocessing on the CPU, a prefill of
+    1 and of 8 image prompts, and a decode step with `rows` requests running."""
+    from llama_vision_helpers.wire import MAX_IMAGE_PIXELS, decode_image_url, image_data_url
+
+    urls = [image_data_url(synthetic_image(i, image_size)) for i in range(8)]
+    start = time.perf_counter()
+    inputs = [prepare_inputs(vlm, [user_message(QUESTION, True)],
+                             decode_image_url(url, allow_http=False, max_pixels=MAX_IMAGE_PIXELS)) for url in urls]
+    sync()
+    parts = {"image_processor": type(vlm.processor.image_processor).__name__,
+             "receive_and_preprocess_one_image_s": round((time.perf_counter() - start) / len(urls), 4)}
+    decoder = BatchDecoder(vlm.model, max_batch=rows)
+    decoder.warm_up()
+    requests = [SlotRequest(inputs[i % len(inputs)], max_new_tokens=1000, min_new_tokens=1000) for i in range(rows)]
+    for name, group in (("prefill_1_s", requests[:1]), ("prefill_8_s", requests[1:9])):
+        start = time.perf_counter()
+        decoder.admit(group)
+        sync()
+        parts[name] = round(time.perf_counter() - start, 4)
+    decoder.admit(requests[9:])
+    for _ in range(5):
+        decoder.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        decoder.step()
+    sync()
+    parts[f"decode_step_{rows}_rows_ms"] = round((time.perf_counter() - start) / 20 * 1000, 2)
+    return parts
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -161,6 +193,12 @@ def main() -> int:
         except Exception as err:  # keep the load tests even if this part fails
             run["agreement"] = {"error": repr(err)}
             log("agreement failed:", repr(err))
+        try:
+            run["parts"] = time_parts(vlm, args.image_size, args.max_batch)
+            log("parts", run["parts"])
+        except Exception as err:
+            run["parts"] = {"error": repr(err)}
+            log("parts failed:", repr(err))
         for name, scheduler, clients in [("batched", BatchScheduler(args.max_batch), args.clients),
                                          ("queue", SerialScheduler(), args.queue_clients)]:
             log(f"{name}: {getattr(scheduler, 'max_batch', 1)} at a time")
