@@ -108,3 +108,15 @@ def test_a_failing_request_is_reported_and_the_others_keep_going(batched, vlm, c
     batched.queue.put(bad)
     assert isinstance(list(bad)[-1], Failed)
     assert text_of(list(good)) == solo(vlm, messages, image, n)
+
+
+def test_the_scheduler_is_chosen_from_max_batch(vlm):
+    from llama_vision_helpers.batch_scheduler import scheduler_for
+    from llama_vision_helpers.engine import SerialScheduler
+
+    assert isinstance(scheduler_for(vlm), SerialScheduler)  # a CPU: one at a time unless asked
+    assert isinstance(scheduler_for(vlm, 1), SerialScheduler)
+    batched = scheduler_for(vlm, 4)
+    assert isinstance(batched, BatchScheduler) and batched.max_batch == 4
+    with pytest.raises(ValueError, match="at least 1"):
+        scheduler_for(vlm, 0)
