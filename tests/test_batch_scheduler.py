@@ -89,9 +89,16 @@ def test_requests_wait_for_a_free_slot_and_learn_their_place(vlm, conversations)
     engine = Engine(vlm, Gated(max_batch=1))
     try:
         messages, image, _ = conversations[0]
-        requests = [engine.submit(messages, image, Sampling(max_new_tokens=6, do_sample=False)) for _ in range(3)]
+        requests = [engine.submit(messages, image, Sampling(max_new_tokens=30, min_new_tokens=30, do_sample=False))
+                    for _ in range(3)]
         gate.set()
-        events = [list(request) for request in requests]
+        first = []
+        for event in requests[0]:
+            first.append(event)
+            if len(first) == 3:  # Queued, then two tokens' text: the first request runs in the only slot
+                break
+        assert engine.waiting() == 2 and requests[2].position == 2  # the others keep their places in line
+        events = [first + list(requests[0])] + [list(request) for request in requests[1:]]
         assert [[e.position for e in ev if isinstance(e, Queued)] for ev in events] == [[1], [2, 1], [3, 2, 1]]
         assert text_of(events[0]) == text_of(events[1]) == text_of(events[2])
         too_many = engine.submit(messages, image, Sampling(max_new_tokens=4, num_samples=2))
