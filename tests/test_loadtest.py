@@ -53,6 +53,17 @@ def test_min_tokens_forces_the_length(batched_server):
     assert response.usage.completion_tokens == 40 and response.choices[0].finish_reason == "length"
 
 
+def test_min_tokens_becomes_the_engine_s_min_new_tokens():
+    from llama_vision_helpers.server import ChatCompletionRequest
+
+    def sampling(**fields):
+        return ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], **fields).sampling()
+
+    assert sampling(max_tokens=40, min_tokens=40).min_new_tokens == 40
+    assert sampling(max_tokens=10, min_tokens=99).min_new_tokens == 10  # never more than max_tokens
+    assert sampling(max_tokens=10).min_new_tokens == 0
+
+
 def test_loadtest_reports_every_request_and_round(batched_server):
     result = run_loadtest(batched_server.url, [1, 3], max_tokens=6, image_size=112, force_length=True,
                           warmup_tokens=2)
