@@ -181,8 +181,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     import os
 
-    import openai
-
+    try:
+        import openai
+    except ImportError:
+        raise CliError("the load test needs the openai client: pip install -e .[serve]") from None
     from .loadtest import format_table, run_loadtest
     from .wire import API_KEY_ENV
 
