@@ -13,10 +13,8 @@ import pytest
 
 from llama_vision_helpers import app as app_module
 from llama_vision_helpers.app import NEED_IMAGE, NOTICE, ONE_IMAGE, content_parts, conversation, respond
-import threading
-
 from llama_vision_helpers import Chat, load_image
-from llama_vision_helpers.engine import Engine, Sampling, SerialScheduler
+from llama_vision_helpers.engine import Engine, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = ROOT / "input"
@@ -101,27 +99,14 @@ def test_stopping_ends_generation_early(engine):
     assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
 
 
-def test_a_waiting_message_shows_its_place_in_line(vlm):
-    gate = threading.Event()
-
-    class Gated:
-        def run(self, engine):
-            gate.wait(60)
-            SerialScheduler().run(engine)
-
-    gated = Engine(vlm, Gated())
-    try:
-        ahead = gated.submit(Chat(vlm, INPUT / "image_1.jpg").messages("Hi"), load_image(INPUT / "image_1.jpg"),
-                             Sampling(max_new_tokens=4, do_sample=False))
-        stream = respond(gated, {"text": "Describe it.", "files": [str(INPUT / "image_2.jpg")]}, [], **GREEDY)
-        assert next(stream) == NOTICE + "Waiting for the model: 1 request ahead of you."
-        gate.set()
-        answer = last(stream)
-        assert answer == greedy_chat(vlm, INPUT / "image_2.jpg").ask("Describe it.")
-        assert list(ahead)
-    finally:
-        gate.set()
-        gated.close()
+def test_a_waiting_message_shows_its_place_in_line(vlm, gated_engine):
+    ahead = gated_engine.submit(Chat(vlm, INPUT / "image_1.jpg").messages("Hi"), load_image(INPUT / "image_1.jpg"),
+                                Sampling(max_new_tokens=4, do_sample=False))
+    stream = respond(gated_engine, {"text": "Describe it.", "files": [str(INPUT / "image_2.jpg")]}, [], **GREEDY)
+    assert next(stream) == NOTICE + "Waiting for the model: 1 request ahead of you."
+    gated_engine.gate.set()
+    assert last(stream) == greedy_chat(vlm, INPUT / "image_2.jpg").ask("Describe it.")
+    assert list(ahead)
 
 
 def test_the_app_as_a_client_of_a_server_answers_as_chat_does(vlm, tmp_path):
