@@ -132,6 +132,15 @@ def test_answers_stream_and_follow_ups_keep_the_image(vlm):
     assert second == chat.ask("What colour is it?")
 
 
+def test_the_settings_reach_generate_unchanged(vlm, monkeypatch):
+    calls = []
+    original = vlm.model.generate
+    monkeypatch.setattr(vlm.model, "generate", lambda *a, **k: calls.append(k) or original(*a, **k))
+    last(respond(vlm, {"text": "Hi", "files": [str(INPUT / "image_2.jpg")]}, [], max_new_tokens=3,
+                 temperature=0.45, min_p=0.2))
+    assert (calls[0]["temperature"], calls[0]["min_p"], calls[0]["max_new_tokens"]) == (0.45, 0.2, 3)
+
+
 def test_stopping_ends_generation_early(vlm, monkeypatch):
     produced = []
 

@@ -143,3 +143,13 @@ def test_flags_take_their_defaults_from_the_one_place(monkeypatch):
     backend = next(a for a in build_parser()._subparsers._group_actions[0].choices["chat"]._actions
                    if a.dest == "backend")
     assert tuple(backend.choices) == BACKENDS
+
+
+def test_sampling_flags_reach_generate_unchanged(monkeypatch, capsys, vlm, image_file):
+    calls = []
+    original = vlm.model.generate
+    monkeypatch.setattr(vlm.model, "generate", lambda *a, **k: calls.append(k) or original(*a, **k))
+    code, _, err = in_process(monkeypatch, capsys, vlm, "describe", str(image_file), "--temperature", "0.3",
+                              "--min-p", "0.05", "--max-new-tokens", "3", "--seed", "1")
+    assert code == 0, err
+    assert (calls[0]["temperature"], calls[0]["min_p"], calls[0]["max_new_tokens"]) == (0.3, 0.05, 3)
