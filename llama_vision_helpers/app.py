@@ -1,9 +1,10 @@
 """The Gradio chat app: upload an image, ask about it, follow up; answers stream as they are generated.
 
-The app holds no conversation logic of its own: each message rebuilds the library's `Chat` from the history and
-asks it. Locally the model sits behind an `engine.Engine` (the same one `llama-vision serve --app` shares with the
-API), which runs one generation at a time and tells the others their place in line; with `--model http://...`
-the app is a client of a server. Gradio is imported only here (the `app` extra).
+Each request rebuilds its conversation as a `Chat` (the one place that knows how a conversation is laid out)
+from the history Gradio sends, and asks it on its own worker thread, so concurrent users never see each other's
+tokens. Locally the model sits behind an `engine.Engine` (the one `llama-vision serve --app` shares with the API),
+which runs one generation at a time and tells the others their place in line; with `--model http://...` the app
+is a client of a server. Gradio is imported only here (the `app` extra).
 """
 
 from __future__ import annotations
@@ -15,15 +16,28 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .defaults import DEFAULT_SETTINGS
-from .generation import Chat
+from .defaults import DEFAULT_INSTRUCTION, DEFAULT_SETTINGS
+from .generation import Chat, ChatError, SettingsError, sampling_kwargs
 from .images import ImageLoadError, load_image
 
 NOTICE = "⚠️ "  # marks the app's own messages, which are left out of what the model sees
 NEED_IMAGE = NOTICE + "Please upload an image first (drag it into the box or use the paperclip), then ask about it."
 ONE_IMAGE = NOTICE + ("This conversation already has an image, and the model was trained on one image per "
                       "conversation. Start a new chat to ask about another image.")
+FAILED = NOTICE + "Generation failed: "
 PLACE_SHOWN_AFTER_S = 0.3  # a request that waits longer than this sees its place in line
+MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads (HTTP 413) before they reach the handler
+APP_MAX_NEW_TOKENS = 512  # shorter than the library's default: a chat turn, not a report
+
+
+class AppRequestError(Exception):
+    """A request the app cannot answer; the chat face turns it into a `gradio.Error` that API clients see too."""
+
+
+def not_an_image(path: str) -> str:
+    """The notice for an unreadable upload; it names the file as the user called it, never a server path."""
+    return NOTICE + (f"{Path(path).name} is not an image I can read. Please upload a picture "
+                     "(JPEG, PNG, WebP, GIF, BMP or TIFF).")
 
 
 def content_parts(content: Any) -> tuple[list[str], list[str]]:
@@ -49,20 +63,27 @@ def content_parts(content: Any) -> tuple[list[str], list[str]]:
 
 
 def conversation(history: Sequence[dict]) -> tuple[str | None, list[tuple[str, str]]]:
-    """The image path and the (question, answer) turns so far, leaving out turns the app answered itself."""
+    """The image path and the (question, answer) turns so far.
+
+    A user turn the app answered itself (a notice: no image yet, a refused upload, a failure) is left out with
+    its files, so a refused upload never becomes the conversation's image.
+    """
     image: str | None = None
     turns: list[tuple[str, str]] = []
     question: list[str] = []
+    files: list[str] = []
     for message in history:
-        texts, files = content_parts(message.get("content"))
+        texts, message_files = content_parts(message.get("content"))
         if message.get("role") == "user":
-            image = image or (files[0] if files else None)
             question.extend(t for t in texts if t)
+            files.extend(message_files)
         elif message.get("role") == "assistant":
             answer = "".join(texts)
-            if not answer.startswith(NOTICE) and image is not None:
-                turns.append((" ".join(question), answer))
-            question = []
+            if not answer.startswith(NOTICE):
+                image = image or (files[0] if files else None)
+                if image is not None:
+                    turns.append((" ".join(question), answer))
+            question, files = [], []
     return image, turns
 
 
@@ -72,13 +93,14 @@ def _notice_of_place(position: int) -> str:
                      f"Waiting for the model: {ahead} request{'s' if ahead > 1 else ''} ahead of you.")
 
 
-def respond(model: Any, message: dict | str, history: Sequence[dict], max_new_tokens: float = 512,
-            temperature: float = DEFAULT_SETTINGS["temperature"], min_p: float = DEFAULT_SETTINGS["min_p"],
-            greedy: bool = False) -> Iterator[str]:
+def respond(model: Any, message: dict | str, history: Sequence[dict],
+            max_new_tokens: float = APP_MAX_NEW_TOKENS, temperature: float = DEFAULT_SETTINGS["temperature"],
+            min_p: float = DEFAULT_SETTINGS["min_p"], greedy: bool = False) -> Iterator[str]:
     """Answer one chat message, yielding the answer so far as it streams (or one notice).
 
-    `model`: a loaded model, a shared `engine.Engine` or a model on a server; the conversation is the library's
-    `Chat`, rebuilt from the history. While a shared engine makes the request wait, its place in line is shown.
+    `model`: a loaded model, a shared `engine.Engine` or a model on a server. While a shared engine makes the
+    request wait, its place in line is shown. Settings out of range, a conversation the model cannot take and a
+    failed generation raise `AppRequestError` (after a notice, so the conversation stays usable).
     """
     text, files = (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
     new_files = [path for item in files for path in ([item] if isinstance(item, str) else content_parts(item)[1])]
@@ -88,30 +110,37 @@ def respond(model: Any, message: dict | str, history: Sequence[dict], max_new_to
         return
     if new_files:
         try:
-            load_image(new_files[0])
-        except ImageLoadError as err:
-            yield NOTICE + f"That file is not an image I can read ({Path(new_files[0]).name}): {err}"
+            image = load_image(new_files[0])
+        except ImageLoadError:
+            yield not_an_image(new_files[0])
             return
-        image_path = new_files[0]
-    if image_path is None:
+    elif image_path is None:
         yield NEED_IMAGE
         return
+    else:
+        image = load_image(image_path)
+    settings = {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "min_p": min_p,
+                "do_sample": not greedy}
+    try:
+        sampling_kwargs(num_samples=1, **settings)
+        chat = Chat(model, image, **settings)
+        for question, answer in turns:
+            chat.add_turn(question, answer)
+    except (SettingsError, ChatError) as err:
+        yield NOTICE + str(err)
+        raise AppRequestError(str(err)) from err
 
-    chat = Chat(model, image_path, stream=False, max_new_tokens=int(max_new_tokens), temperature=temperature,
-                min_p=min_p, do_sample=not greedy)
-    for question, answer in turns:
-        chat.add_turn(question, answer)
     updates: queue.SimpleQueue = queue.SimpleQueue()
     stop = threading.Event()
+    failure: list[BaseException] = []
     finished = object()
 
     def work() -> None:
         try:
-            chat.ask(text, stream=lambda chunk: updates.put(chunk), stop_event=stop,
-                     on_position=lambda place: updates.put(place))
-            updates.put(finished)
-        except BaseException as err:  # reported in the chat below; the app keeps serving
-            updates.put(err)
+            chat.ask(text, stream=updates.put, stop_event=stop, on_position=updates.put)
+        except BaseException as err:  # reported below; the app keeps serving
+            failure.append(err)
+        updates.put(finished)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
@@ -126,11 +155,7 @@ def respond(model: Any, message: dict | str, history: Sequence[dict], max_new_to
                 continue
             if update is finished:
                 break
-            if isinstance(update, BaseException):
-                reason = str(update) if isinstance(update, ValueError) else f"{type(update).__name__}: {update}"
-                yield (answer + "\n\n" if answer else "") + f"{NOTICE}{reason}"
-                return
-            if isinstance(update, int):
+            if isinstance(update, int):  # a place in line
                 place = update
             else:
                 answer += update
@@ -138,8 +163,11 @@ def respond(model: Any, message: dict | str, history: Sequence[dict], max_new_to
     finally:
         stop.set()  # the stop button, or a closed tab, ends generation at the next token
         worker.join()
-    if not answer:
-        yield answer
+    if failure:
+        reason = str(failure[0]) if isinstance(failure[0], (ChatError, SettingsError)) else (
+            f"{type(failure[0]).__name__}: {failure[0]}")
+        yield FAILED + reason  # a notice: the failed turn is left out of the next request's conversation
+        raise AppRequestError(f"Generation failed: {reason}") from failure[0]
 
 
 def example_messages(input_dir: Path | None = None) -> list[list[Any]]:
@@ -150,7 +178,7 @@ def example_messages(input_dir: Path | None = None) -> list[list[Any]]:
     pairs = [("receipt-1.jpeg", "Extract the receipt as JSON with the store, date, time, items and total."),
              ("calculator-1.png", "What operation is shown on the calculator, and what is the result?"),
              ("watch-face-2.jpg", "What time does the watch show?"),
-             ("image_2.jpg", "Describe the image accurately.")]
+             ("image_2.jpg", DEFAULT_INSTRUCTION)]
     return [[{"text": question, "files": [str(folder / name)]}] for name, question in pairs if (folder / name).exists()]
 
 
@@ -159,17 +187,20 @@ def build_app(model: Any):
     import gradio as gr
 
     def chat(message, history, max_new_tokens, temperature, min_p, greedy):
-        yield from respond(model, message, history, max_new_tokens, temperature, min_p, greedy)
+        try:
+            yield from respond(model, message, history, max_new_tokens, temperature, min_p, greedy)
+        except AppRequestError as err:  # shown in the page, and sent to API clients with its message
+            raise gr.Error(str(err)) from err
 
     chat.__name__ = "respond"  # the API endpoint is named after the function: /respond
-    defaults = [512, DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], False]
     settings = [
-        gr.Slider(16, 2048, value=defaults[0], step=16, label="max new tokens"),
-        gr.Slider(0.1, 2.0, value=defaults[1], step=0.05, label="temperature"),
-        gr.Slider(0.0, 0.5, value=defaults[2], step=0.01, label="min_p"),
-        gr.Checkbox(value=defaults[3], label="greedy (ignores temperature and min_p)"),
+        gr.Slider(16, 2048, value=APP_MAX_NEW_TOKENS, step=16, label="max new tokens"),
+        gr.Slider(0.1, 2.0, value=DEFAULT_SETTINGS["temperature"], step=0.05, label="temperature"),
+        gr.Slider(0.0, 0.5, value=DEFAULT_SETTINGS["min_p"], step=0.01, label="min_p"),
+        gr.Checkbox(value=False, label="greedy (ignores temperature and min_p)"),
     ]
     warning = " Its answers are noise: this is the tiny random test model." if model.is_random else ""
+    defaults = [APP_MAX_NEW_TOKENS, DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], False]
     examples = [example + defaults for example in example_messages()]
     return gr.ChatInterface(
         chat,
@@ -202,7 +233,8 @@ def launch(model: Any, *, host: str = "127.0.0.1", port: int | None = None, shar
     backend = Engine(model, scheduler_for(model)) if isinstance(model, VisionModel) else model
     demo = build_app(backend)
     demo.queue(default_concurrency_limit=APP_CONCURRENCY, max_size=256)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+                max_file_size=MAX_UPLOAD)
     return demo
 
 
@@ -214,7 +246,7 @@ def mount(fastapi_app: Any, engine: Any, *, path: str = "/app", api_key: str | N
 
     demo = build_app(engine).queue(default_concurrency_limit=APP_CONCURRENCY, max_size=256)
     auth = (lambda _user, password: hmac.compare_digest(password.encode(), api_key.encode())) if api_key else None
-    return gr.mount_gradio_app(fastapi_app, demo, path=path, auth=auth,
+    return gr.mount_gradio_app(fastapi_app, demo, path=path, auth=auth, max_file_size=MAX_UPLOAD,
                                auth_message="Any user name; the password is the room's API key." if auth else None)
 
 
@@ -234,4 +266,4 @@ def run_app(args: argparse.Namespace) -> int:
         print("The app needs gradio: pip install -e .[app]")
         return 2
     launch(load_model(args.model, backend=args.backend), host=args.host, port=args.port, share=args.share)
-    return 0  # a model on a server (--model http://...) is used as it is: the app is then its client
+    return 0

@@ -61,11 +61,11 @@ class RemoteModel:
                 on_position: Callable[[int], Any] | None = None, max_new_tokens: int, temperature: float,
                 min_p: float, do_sample: bool, stop: list[str] | None = None, **unsupported: Any) -> list[str]:
         """Send one conversation (see `generation.answer_messages`); a single answer streams."""
-        from .generation import stream_callback
+        from .generation import SettingsError, stream_callback
         from .wire import to_openai_messages
 
         if unsupported:
-            raise ValueError(f"A model on a server takes the sampling settings only; {', '.join(unsupported)} "
+            raise SettingsError(f"A model on a server takes the sampling settings only; {', '.join(unsupported)} "
                              "need a local model.")
         request: dict[str, Any] = {
             "model": self.model_name, "messages": to_openai_messages(messages, image), "max_tokens": max_new_tokens,
@@ -122,7 +122,7 @@ def _explain_errors(base_url: str) -> Iterator[None]:
     """Turn the openai client's errors into ours, saying what to do."""
     import openai
 
-    from .generation import ChatError
+    from .generation import ChatError, PromptTooLong, SettingsError
 
     try:
         yield
@@ -138,11 +138,12 @@ def _explain_errors(base_url: str) -> Iterator[None]:
         detail = body.get("error", body)
         detail = detail if isinstance(detail, dict) else {}
         message = detail.get("message") or str(err)
-        if detail.get("code") == "invalid_conversation":
-            raise ChatError(message) from err
-        if err.status_code in (400, 413, 422):
-            raise ValueError(f"The server refused the request: {message}") from err
-        raise ServerError(f"The server at {base_url} failed ({err.status_code}): {message}") from err
+        # the server's own refusals come back as the library's errors, with its message
+        typed = {"invalid_conversation": ChatError, "context_length_exceeded": PromptTooLong,
+                 "invalid_value": SettingsError}.get(detail.get("code"))
+        if typed is not None:
+            raise typed(message) from err
+        raise ServerError(f"The server at {base_url} refused the request ({err.status_code}): {message}") from err
 
 
 def connect(name: str, *, api_key: str | None = None, timeout: float = ANSWER_TIMEOUT_S) -> RemoteModel:

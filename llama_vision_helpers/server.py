@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Delta, Done, Engine, EngineBusy, EngineClosed, Failed, PromptTooLong, Queued, Sampling
 from .defaults import DEFAULT_SETTINGS
-from .generation import ChatError, check_conversation
+from .generation import ChatError, SettingsError, check_conversation
 from .wire import API_KEY_ENV, DEFAULT_PORT, Limits, WireError, decode_image_url, error_body, from_openai_messages
 
 MAX_STOP = 4
@@ -132,7 +132,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
             return _error(400, str(err), param="messages", code="context_length_exceeded")
         except ChatError as err:
             return _error(400, str(err), param="messages", code="invalid_conversation")
-        except ValueError as err:  # sampling settings the library refuses, with what to do
+        except SettingsError as err:  # sampling settings the library refuses, with what to do
             return _error(400, str(err), code="invalid_value")
         except EngineBusy as err:
             return _error(429, str(err), type="server_error", code="queue_full")

@@ -14,6 +14,7 @@ from typing import Any
 
 from PIL import Image
 
+from .generation import ChatError
 from .images import ImageLoadError, load_image
 
 
@@ -72,7 +73,7 @@ def to_openai_messages(messages: list[dict], image: Image.Image | None) -> list[
             for part in content:
                 if part.get("type") == "image":
                     if image is None:
-                        raise ValueError("The conversation shows an image but none was given.")
+                        raise ChatError("The conversation shows an image but none was given.")
                     parts.append({"type": "image_url", "image_url": {"url": image_data_url(image)}})
                 else:
                     parts.append({"type": "text", "text": part.get("text", "")})

@@ -120,3 +120,24 @@ def server(vlm, tmp_path_factory):
     running = RunningServer(tmp_path_factory.mktemp("server") / "serve.log", *SERVER_LIMITS).wait_ready()
     yield running
     running.stop()
+
+
+@pytest.fixture
+def gated_engine(vlm):
+    """An engine whose scheduler starts only once `engine.gate` is set, so tests can fill its queue first."""
+    import threading
+
+    from llama_vision_helpers.engine import Engine, SerialScheduler
+
+    gate = threading.Event()
+
+    class Gated:
+        def run(self, engine):
+            gate.wait(60)
+            SerialScheduler().run(engine)
+
+    engine = Engine(vlm, Gated())
+    engine.gate = gate
+    yield engine
+    gate.set()
+    engine.close()

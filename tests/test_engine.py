@@ -1,7 +1,5 @@
 """The engine: a queue and a scheduler thread that run prepared requests and stream their text."""
 
-import threading
-
 import pytest
 import torch
 
@@ -45,30 +43,16 @@ def test_a_stop_string_ends_the_answer_before_it(engine, vlm, photo):
     assert events[-1].finish_reason == "stop"
 
 
-def test_waiting_requests_learn_their_place_and_a_cancelled_one_is_dropped(vlm, photo):
-    gate = threading.Event()
-
-    class Gated:
-        """Holds the queue until the test opens the gate, then runs serially."""
-
-        def run(self, engine):
-            from llama_vision_helpers.engine import SerialScheduler
-
-            gate.wait(30)
-            SerialScheduler().run(engine)
-
-    engine = Engine(vlm, Gated())
-    try:
-        first, second, third = (engine.submit([user_message(QUESTION, True)], photo, GREEDY) for _ in range(3))
-        assert (first.position, second.position, third.position) == (1, 2, 3) and engine.waiting() == 3
-        second.cancel()
-        gate.set()
-        third_events = list(third)
-        assert [e.position for e in third_events if isinstance(e, Queued)] == [3, 1]  # the cancelled one no longer counts
-        assert [e.finish_reason for e in second if isinstance(e, Done)] == ["cancelled"]
-        assert text_of(list(first)) == text_of(third_events)
-    finally:
-        engine.close()
+def test_waiting_requests_learn_their_place_and_a_cancelled_one_is_dropped(gated_engine, photo):
+    engine = gated_engine
+    first, second, third = (engine.submit([user_message(QUESTION, True)], photo, GREEDY) for _ in range(3))
+    assert (first.position, second.position, third.position) == (1, 2, 3) and engine.waiting() == 3
+    second.cancel()
+    engine.gate.set()
+    third_events = list(third)
+    assert [e.position for e in third_events if isinstance(e, Queued)] == [3, 1]  # the cancelled one no longer counts
+    assert [e.finish_reason for e in second if isinstance(e, Done)] == ["cancelled"]
+    assert text_of(list(first)) == text_of(third_events)
 
 
 def test_cancelling_a_running_request_frees_the_engine(engine, photo):

@@ -146,3 +146,14 @@ def test_a_server_error_is_explained(server):
     remote.client = remote.client.with_options(base_url="http://127.0.0.1:9/v1")
     with pytest.raises(ServerError, match="Could not reach"):
         describe_image(remote, IMAGE, stream=False, max_new_tokens=2)
+
+
+def test_the_cli_describes_through_a_server(server, vlm):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "llama_vision_helpers.cli", "describe", str(IMAGE), "--model",
+                             server.url, "--greedy", "--max-new-tokens", "12"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == describe_image(vlm, IMAGE, do_sample=False, stream=False, **SHORT) + "\n"

@@ -23,7 +23,7 @@ export LLAMA_VISION_CACHE=${LLAMA_VISION_CACHE:-/tmp/lvc} HF_HUB_OFFLINE=1 PYTHO
 out=${OUT:-results}  # where logs and JSON go
 mkdir -p "$out"
 serve_and_run_notebooks() {
-  local missing port url model server nb name start seconds result
+  local missing port url model nb name start seconds result
   missing=$(python3 -c 'import importlib.util as u; print(" ".join(m for m in ("fastapi", "uvicorn", "openai", "nbval", "ipykernel") if u.find_spec(m) is None))')
   if [ -n "$missing" ]; then
     echo "serve needs: $missing. Without internet: pip download -d .whl $missing (and their needs), then run again."
@@ -34,11 +34,11 @@ serve_and_run_notebooks() {
   model=${SERVE_MODEL:-$(python3 -c 'from llama_vision_helpers.bench import random_weights_checkpoint as r; print(r("11b"))')}
   python3 -m llama_vision_helpers.cli serve --model "$model" --backend "${SERVE_BACKEND:-transformers}" --port "$port" \
     >"$out/serve.log" 2>&1 &
-  server=$!
-  trap 'kill "$server" 2>/dev/null || true' EXIT
+  server_pid=$!  # global: the EXIT trap runs after this function has returned
+  trap 'kill "$server_pid" 2>/dev/null || true' EXIT
   # wait for the model to load and the server to answer (or to die)
   until python3 -c "import sys, urllib.request; urllib.request.urlopen('http://127.0.0.1:$port/health', timeout=2)" 2>/dev/null; do
-    kill -0 "$server" 2>/dev/null || { echo "the server exited:"; tail -30 "$out/serve.log"; exit 1; }
+    kill -0 "$server_pid" 2>/dev/null || { echo "the server exited:"; tail -30 "$out/serve.log"; exit 1; }
     sleep 2
   done
   python3 -m llama_vision_helpers.cli doctor --model "$url" 2>&1 | tee "$out/doctor.log" || true

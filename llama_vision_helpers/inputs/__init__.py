@@ -17,6 +17,7 @@ from typing import Callable
 
 from PIL import Image
 
+from ..defaults import DEFAULT_INSTRUCTION
 from . import documents, figures, instruments
 from .drawing import png_to_image
 
@@ -71,7 +72,7 @@ def _photo(name: str) -> Callable[[], Image.Image]:
 
 def photo_specs() -> list[InputSpec]:
     return [
-        InputSpec(file, "caption", description, [question("caption", "Describe the image accurately.", "keywords", keywords)],
+        InputSpec(file, "caption", description, [question("caption", DEFAULT_INSTRUCTION, "keywords", keywords)],
                   _photo(name), source)
         for file, (name, description, source, keywords) in PHOTOS.items()
     ]
