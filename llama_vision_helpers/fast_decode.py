@@ -78,8 +78,11 @@ class FastDecoder:
         self._states: OrderedDict[tuple[int, int], _State] = OrderedDict()
         self.projections = {index: self._projection_groups(index, layer) for index, layer in enumerate(self.text.layers)}
         self.projections["lm_head"] = {"lm_head": [model.lm_head]}
-        if use_nf4_kernel is None:  # LLAMA_VISION_NF4_KERNEL=0 keeps bitsandbytes' own kernels (for comparison)
-            use_nf4_kernel = os.environ.get("LLAMA_VISION_NF4_KERNEL", "1") != "0"
+        if use_nf4_kernel is None:
+            # Off by default: bitsandbytes' own one-token kernel rounds each product to bf16, so only it reproduces
+            # `generate`'s logits exactly; the nf4 kernel (float32 products, closer to the exact product) changes
+            # them by more than 0.5% on the random-weight 11B and is 3% faster (docs/bench/decode-notes.md).
+            use_nf4_kernel = os.environ.get("LLAMA_VISION_NF4_KERNEL", "0") == "1"
         use_kernel = use_nf4_kernel and nf4_kernel_available(self.device)
         self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
         # on a GPU, plain linears of a group are joined too (one product instead of three or two)

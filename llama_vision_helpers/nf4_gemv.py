@@ -3,9 +3,12 @@
 bitsandbytes stores a `Linear4bit` weight of shape (N, K) as N*K/2 bytes, row-major, two weights a byte (the
 high nibble first), each nibble an index into the 16-value NF4 code; every block of 64 weights has a scale
 (`absmax`). With double quantization the scales are themselves bytes: scale = code2[byte] * absmax2[block // 256]
-+ offset. Its own kernel for one token reads these weights at about a third of the copy bandwidth; the kernels
-here read the same bytes once, look both nibbles of a byte up at once in a 256-entry table, and apply each
-block's scale once per 64 products. Nothing is repacked, so the answers stay those of bnb's dequantized weights.
++ offset. The kernels here read those bytes as stored (nothing is repacked), look each nibble up in the 16-value
+code (one cache line), and apply each block's scale once per 64 float32 products (one token; `exact=True`
+rounds each weight to bf16 first, as bitsandbytes' dequantized weight is) or dequantize to bf16 for the tensor
+cores (2..32 tokens). K is split over programs when a launch would otherwise have too few; the last program
+of a tile to finish adds the parts up, so each product is one launch. Measured against bitsandbytes and
+other kernels: docs/bench/decode-notes.md (the look-ups bound the speed, at about bitsandbytes' own).
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -43,7 +46,8 @@ class NF4Weight:
     """One or several bnb nf4 linears with the same input, joined row-wise: (N, K) with N = sum of their outputs.
 
     `packed`: (N, K/2) uint8. `absmax`: (N*K/64,) uint8 with `code2`/`absmax2`/`offset2` (double quantization)
-    or float32 scales with the three others None. `code`: the 16 nf4 values (float32). `splits`: the output sizes of the joined linears, in order.
+    or float32 scales with the three others None. `code`: the 16 nf4 values (float32). `splits`: the output
+    sizes of the joined linears, in order.
     """
 
     packed: torch.Tensor

@@ -98,16 +98,20 @@ def test_nf4_kernel_matches_bitsandbytes_on_the_11b_shapes(group):
         assert float((got - bnb).norm() / bnb.norm()) < 5e-3
 
 
-def test_fast_loop_uses_the_nf4_kernel_and_follows_generate(photo):
+def test_fast_loop_on_bnb_weights_follows_generate_with_and_without_the_nf4_kernel(photo):
     from llama_vision_helpers.bench import compare_fast_logits
-    from llama_vision_helpers.fast_decode import fast_decoder_for
+    from llama_vision_helpers.fast_decode import FastDecoder, fast_decoder_for
     from llama_vision_helpers.generation import prepare_inputs, user_message
 
     vlm = load_model("tiny-random", backend="transformers", load_in_4bit=True)
-    decoder = fast_decoder_for(vlm)
-    layers = len(decoder.text.layers)
-    assert len(decoder.nf4_weights) == 4 * layers, "every 4-bit group of every layer goes through the kernel"
     inputs = prepare_inputs(vlm, [user_message("Describe the image.", with_image=True)], photo)
+    assert not fast_decoder_for(vlm).nf4_weights, "bitsandbytes' own kernels by default"
+    difference, _ = compare_fast_logits(vlm, inputs, steps=24)
+    assert difference < 0.005, f"default fast loop: logits {100 * difference:.3f}% away from generate's"
+
+    vlm._fast_decoder = FastDecoder(vlm.model, use_nf4_kernel=True)
+    layers = len(vlm._fast_decoder.text.layers)
+    assert len(vlm._fast_decoder.nf4_weights) == 4 * layers, "every 4-bit group of every layer uses the kernel"
     difference, agreement = compare_fast_logits(vlm, inputs, steps=24)
     print(f"\nnf4 kernel in the fast loop: max logit difference {100 * difference:.3f}%, top token agrees "
           f"{100 * agreement:.0f}%")
