@@ -43,8 +43,9 @@ notebooks-run: setup
 # Jupyter refuses to run as root unless told to (containers, workshop machines)
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# Served from the repository root (input/, README.md and docs/ in reach), with the first notebook open.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. notebooks/00_architecture.ipynb $(LAB_ARGS)
 
 app: setup
 	$(PY) app.py $(APP_ARGS)
