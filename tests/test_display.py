@@ -1,0 +1,35 @@
+"""The figure summary that notebooks print under deterministic figures tells pictures apart."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from llama_vision_helpers.display import figure_summary, show_images  # noqa: E402
+
+
+def test_summary_names_each_panel_and_changes_when_a_picture_goes_black(tmp_path):
+    pictures = []
+    for name, colour in (("a.png", (200, 30, 30)), ("b.png", (30, 30, 200))):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / name)
+        pictures.append(tmp_path / name)
+    shown = figure_summary(show_images(pictures, columns=2))
+    assert shown.splitlines()[0] == "a.png: 30x40x3 mean 86.7"
+    assert shown.splitlines()[1].startswith("b.png: 30x40x3")
+    assert shown == figure_summary(show_images(pictures, columns=2))  # same pictures, same text
+
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(tmp_path / "a.png")
+    assert figure_summary(show_images(pictures, columns=2)) != shown
+    plt.close("all")
+
+
+def test_a_blank_figure_has_no_ink():
+    fig, ax = plt.subplots(figsize=(2, 1))
+    ax.axis("off")
+    assert figure_summary(fig) == "figure 80x40 px at 40 dpi, 0% not background"
+    ax.imshow(np.zeros((10, 10, 3), dtype=np.uint8))
+    assert "0% not background" not in figure_summary(fig).splitlines()[-1]
+    plt.close("all")
