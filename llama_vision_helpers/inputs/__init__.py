@@ -289,6 +289,11 @@ def sources_markdown(specs: list[InputSpec]) -> str:
         "# Sources of the input images\n\n"
         "Regenerate everything here with `llama-vision inputs` (or `make inputs`): the output is the same byte for "
         "byte. The photos ship inside the scikit-image package on PyPI; nothing is downloaded.\n\n"
+        "**These are not the published walk-throughs' pictures.** Eight file names (`image_1.jpg`, `image_2.jpg`, "
+        "`image_3.jpg`, `receipt-1.jpeg`, `receipt-2.jpeg`, `calculator-1.png`, `watch-face-1.jpg`, "
+        "`watch-face-2.jpg`) follow the `input/` folder of the Unsloth walk-through (DebuggerCafe, 2024), but the "
+        "pictures behind them are this project's: its `image_2.jpg` is a mirror on a beach, ours is a cup of coffee. "
+        "What a walk-through's model said about its pictures is therefore never a right or wrong answer about ours.\n\n"
         "| file | what it shows | origin and licence |\n| --- | --- | --- |\n" + rows + "\n"
     )
 
