@@ -72,3 +72,22 @@ def figure_summary(fig) -> str:
     ink = float((drawn.min(axis=-1) < 250).mean())
     lines.append(f"figure {width}x{height} px at {SUMMARY_DPI} dpi, {ink:.0%} not background")
     return "\n".join(lines)
+
+
+def print_published(answer, width: int = 110) -> None:
+    """Print a real answer from a published run (a `PublishedAnswer` or its id) with its source, picture and
+    prompt, then what our parser reads in it and our verdict beside a person's grade."""
+    import textwrap
+
+    from .published import grade_published, published_answer
+
+    answer = published_answer(answer) if isinstance(answer, str) else answer
+    graded = grade_published(answer)
+    print(f"source:  {answer.citation}")
+    print(f"picture: {answer.picture}")
+    print(f"prompt:  {answer.prompt}")
+    print("answer (verbatim, lines wrapped to fit):")
+    for line in answer.answer.split("\n"):
+        print(textwrap.fill(line, width, initial_indent="    ", subsequent_indent="    ") if line else "")
+    print(f"our parser reads: {graded.read_as}")
+    print(f"our verdict: {graded.verdict}; a person's grade: {answer.grade} ({answer.grade_reason})")

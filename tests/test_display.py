@@ -33,3 +33,15 @@ def test_a_blank_figure_has_no_ink():
     ax.imshow(np.zeros((10, 10, 3), dtype=np.uint8))
     assert "0% not background" not in figure_summary(fig).splitlines()[-1]
     plt.close("all")
+
+
+def test_a_published_answer_is_printed_whole_with_its_source_and_both_grades(capsys):
+    from llama_vision_helpers.display import print_published
+    from llama_vision_helpers.published import grade_published, published_answer
+
+    answer = published_answer("rocm-invoice-no-template")
+    print_published(answer.id)
+    shown = capsys.readouterr().out
+    assert answer.citation in shown and answer.prompt in shown
+    assert " ".join(answer.answer.split()) in " ".join(shown.split())
+    assert f"our verdict: {grade_published(answer).verdict}; a person's grade: {answer.grade}" in shown
