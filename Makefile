@@ -7,7 +7,8 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+NOTEBOOKS := $(wildcard notebooks/*.ipynb notebooks/solutions/*.ipynb)
+# `pytest notebooks` collects the exercise solutions in notebooks/solutions/ too.
 # The test suite runs on the tiny random checkpoint, offline, with two trials per experiment.
 TEST_ENV := LLAMA_VISION_MODEL=tiny-random LLAMA_VISION_TRIALS=2 HF_HUB_OFFLINE=1 LLAMA_VISION_REQUIRE_BROWSER=1 \
 	GRADIO_ANALYTICS_ENABLED=False
