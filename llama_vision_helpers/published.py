@@ -459,7 +459,7 @@ def published_table(task: str | None = None):
         graded = grade_published(answer)
         rows.append({
             "id": answer.id, "source": answer.source.title, "model": answer.source.model,
-            "precision": answer.source.precision, "task": answer.task, "prompt": answer.prompt,
+            "precision": answer.source.precision, "task": answer.task or "(none of ours)", "prompt": answer.prompt,
             "read_as": graded.read_as,
             "our_verdict": graded.verdict, "person_grade": answer.grade, "why": answer.grade_reason,
         })

@@ -17,6 +17,7 @@ from typing import Callable
 
 from PIL import Image
 
+from ..scoring import to_mathtext
 from . import documents, figures, instruments
 from .drawing import png_to_image
 
@@ -174,20 +175,18 @@ def calculator_specs() -> list[InputSpec]:
 
 # --- equations ------------------------------------------------------------------------------------
 
-# (LaTeX as a person would write it, the same formula in matplotlib mathtext when that needs other spelling)
+# LaTeX as a person would write it; the images are typeset from the same text by way of `to_mathtext`.
 EQUATIONS = [
-    (r"E = mc^2", None),
-    (r"a^2 + b^2 = c^2", None),
-    (r"\frac{a}{b} + \frac{c}{d} = \frac{ad + bc}{bd}", None),
-    (r"x = \frac{-b \pm \sqrt{b^2 - 4ac}}{2a}", None),
-    (r"\sum_{i=1}^{n} i = \frac{n(n+1)}{2}", None),
-    (r"e^{i\pi} + 1 = 0", None),
-    (r"\int_0^\infty e^{-x^2} dx = \frac{\sqrt{\pi}}{2}", None),
-    (r"\lim_{x \to 0} \frac{\sin x}{x} = 1", None),
-    (r"\sigma = \sqrt{\frac{1}{N} \sum_{i=1}^{N} (x_i - \mu)^2}", None),
-    (r"\begin{pmatrix} a & b \\ c & d \end{pmatrix}^{-1} = \frac{1}{ad - bc} \begin{pmatrix} d & -b \\ -c & a \end{pmatrix}",
-     r"\left(\genfrac{}{}{0}{}{a}{c}\quad\genfrac{}{}{0}{}{b}{d}\right)^{-1} = \frac{1}{ad - bc}"
-     r"\left(\genfrac{}{}{0}{}{d}{-c}\quad\genfrac{}{}{0}{}{-b}{a}\right)"),
+    r"E = mc^2",
+    r"a^2 + b^2 = c^2",
+    r"\frac{a}{b} + \frac{c}{d} = \frac{ad + bc}{bd}",
+    r"x = \frac{-b \pm \sqrt{b^2 - 4ac}}{2a}",
+    r"\sum_{i=1}^{n} i = \frac{n(n+1)}{2}",
+    r"e^{i\pi} + 1 = 0",
+    r"\int_0^\infty e^{-x^2} dx = \frac{\sqrt{\pi}}{2}",
+    r"\lim_{x \to 0} \frac{\sin x}{x} = 1",
+    r"\sigma = \sqrt{\frac{1}{N} \sum_{i=1}^{N} (x_i - \mu)^2}",
+    r"\begin{pmatrix} a & b \\ c & d \end{pmatrix}^{-1} = \frac{1}{ad - bc} \begin{pmatrix} d & -b \\ -c & a \end{pmatrix}",
 ]
 LATEX_PROMPT = "Write the LaTeX for the equation in the image. Put it between $$ and $$."
 
@@ -196,8 +195,8 @@ def equation_specs() -> list[InputSpec]:
     return [
         InputSpec(f"equation-{i:02d}.png", "latex", f"Equation {i} of {len(EQUATIONS)} (easy to hard)",
                   [question("latex", LATEX_PROMPT, "latex", latex)],
-                  lambda m=mathtext or latex: figures.equation(m))
-        for i, (latex, mathtext) in enumerate(EQUATIONS, start=1)
+                  lambda m=to_mathtext(latex): figures.equation(m))
+        for i, latex in enumerate(EQUATIONS, start=1)
     ]
 
 
