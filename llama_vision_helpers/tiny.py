@@ -19,7 +19,7 @@ TILE_SIZE = 56
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 BPE_VOCAB_SIZE = 512
-BUILD_VERSION = 1  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 2  # bump when the recipe changes so cached copies are rebuilt
 
 _CORPUS = """
 Describe the image accurately. The photo shows a cat sitting on a wooden table next to a window.
@@ -38,7 +38,7 @@ The quick brown fox jumps over the lazy dog. 0123456789 one two three four five 
 
 def _build_tokenizer(path: Path) -> None:
     """A byte-level BPE tokenizer trained on a fixed corpus, with Llama 3.2's special tokens after it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
@@ -51,6 +51,11 @@ def _build_tokenizer(path: Path) -> None:
     )
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS.values()))
+    # Like Llama's tokenizer, it adds <|begin_of_text|> unless told not to (add_special_tokens=False).
+    bos = SPECIAL_TOKENS["bos"]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))],
+    )
 
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
