@@ -31,15 +31,16 @@ def show_latex_pair(predicted: str | None, truth: str, ax=None, title: str = "")
     """Typeset the model's formula above the true one; an unparseable or unrenderable one is said so."""
     import matplotlib.pyplot as plt
 
-    from .scoring import latex_renders
+    from .scoring import latex_renders, to_mathtext
 
     ax = ax or plt.subplots(figsize=(8, 1.6))[1]
     ax.axis("off")
     ax.set_title(title, fontsize=10, loc="left")
-    shown = f"${predicted}$" if predicted and latex_renders(predicted) else "(no formula that renders)"
+    readable = isinstance(predicted, str) and predicted and latex_renders(predicted)
+    shown = f"${to_mathtext(predicted)}$" if readable else "(no formula that renders)"
     ax.text(0.0, 0.7, "model:", fontsize=10, color="#555555", va="center")
     ax.text(0.12, 0.7, shown, fontsize=15, va="center")
-    truth_shown = f"${truth}$" if latex_renders(truth) else truth
+    truth_shown = f"${to_mathtext(truth)}$" if latex_renders(truth) else truth
     ax.text(0.0, 0.2, "truth:", fontsize=10, color="#555555", va="center")
     ax.text(0.12, 0.2, truth_shown, fontsize=15 if truth_shown.startswith("$") else 9, va="center")
     return ax

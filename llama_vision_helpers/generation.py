@@ -9,12 +9,9 @@ import copy
 import warnings
 from typing import Any, Callable, Union
 
+from .defaults import DEFAULT_INSTRUCTION, DEFAULT_SETTINGS
 from .images import ImageSource, load_image
 from .model import VisionModel
-
-DEFAULT_INSTRUCTION = "Describe the image accurately."
-# The reference walk-through's sampling settings.
-DEFAULT_SETTINGS: dict[str, Any] = {"max_new_tokens": 1024, "temperature": 1.5, "min_p": 0.1, "do_sample": True}
 
 # Emitted by transformers' own Mllama vision encoder on every call; nothing a user can act on.
 warnings.filterwarnings("ignore", message="`hidden_state` is deprecated", category=FutureWarning)
@@ -23,7 +20,22 @@ StreamTarget = Union[bool, Callable[[str], Any], Any]  # True/False, a chunk cal
 
 
 class ChatError(ValueError):
-    """A conversation the model was not trained for (two images, or an image with a system message)."""
+    """A conversation the model cannot take: two images, an image with a system message, no question, too long."""
+
+
+class SettingsError(ValueError):
+    """A generation setting out of its range (temperature, min_p, max_new_tokens, num_samples)."""
+
+
+def question_text(question: str | None, *, with_image: bool = True) -> str:
+    """The question to send: None or blank becomes the default question when there is an image to describe."""
+    if question is not None and not isinstance(question, str):
+        raise ChatError(f"The question must be text, not {type(question).__name__}.")
+    if question is None or not question.strip():
+        if not with_image:
+            raise ChatError("Ask a question: without an image there is nothing to describe.")
+        return DEFAULT_INSTRUCTION
+    return question
 
 
 def user_message(text: str, with_image: bool) -> dict:
@@ -87,19 +99,62 @@ def make_streamer(processor: Any, on_text: Callable[[str], Any] | None = None, e
 def sampling_kwargs(
     *, max_new_tokens: int, temperature: float, min_p: float, do_sample: bool, num_samples: int
 ) -> dict[str, Any]:
-    """Arguments for `generate`; greedy decoding leaves the sampling knobs out."""
+    """Arguments for `generate`; greedy decoding leaves the sampling knobs out.
+
+    Raises `SettingsError` for a value out of range, before anything is generated.
+    """
     if num_samples < 1:
-        raise ValueError(f"num_samples must be at least 1, got {num_samples}.")
+        raise SettingsError(f"num_samples must be at least 1, got {num_samples}.")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        raise SettingsError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "use_cache": True, "do_sample": do_sample}
     if do_sample:
-        if temperature <= 0:
-            raise ValueError("temperature must be positive when sampling; use do_sample=False for greedy decoding.")
+        if not temperature > 0:
+            raise SettingsError(
+                f"temperature must be positive when sampling, got {temperature}; use do_sample=False for greedy "
+                "decoding."
+            )
+        if not 0 <= min_p <= 1:
+            raise SettingsError(f"min_p must be between 0 and 1, got {min_p}.")
         kwargs.update(temperature=temperature, min_p=min_p, num_return_sequences=num_samples)
     elif num_samples > 1:
-        raise ValueError("Greedy decoding gives the same answer every time: use do_sample=True for num_samples > 1.")
+        raise SettingsError(
+            "Greedy decoding gives the same answer every time: use do_sample=True for num_samples > 1."
+        )
     return kwargs
+
+
+def context_length(vlm: VisionModel) -> int | None:
+    """How many tokens (prompt and answer together) the language model was trained to attend over."""
+    config = getattr(getattr(vlm, "model", None), "config", None)
+    text_config = getattr(config, "text_config", config)
+    length = getattr(text_config, "max_position_embeddings", None)
+    return length if isinstance(length, int) else None
+
+
+def check_fits_context(vlm: VisionModel, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Raise `ChatError` when the prompt and the answer it may grow to do not fit in the model's context."""
+    limit = context_length(vlm)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ChatError(
+            f"The prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together more than the "
+            f"model's context of {limit} tokens. Shorten the question or the conversation (Chat.reset()), or "
+            "lower max_new_tokens."
+        )
+
+
+def first_answer_streamer(streamer: Any):
+    """Wrap a transformers streamer so that, of several sampled answers, it is fed the first one only."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstAnswer(BaseStreamer):
+        def put(self, value):
+            streamer.put(value[:1])
+
+        def end(self):
+            streamer.end()
+
+    return FirstAnswer()
 
 
 def generate_answers(
@@ -119,7 +174,7 @@ def generate_answers(
     """Run one `generate` call over prepared inputs and return the decoded answers (prompt excluded).
 
     `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
-    used as given; only a single answer streams. `fast`: the CUDA-graph decode loop (`fast_decode.py`);
+    used as given; with `num_samples > 1` the first answer streams and all are returned. `fast`: the CUDA-graph decode loop (`fast_decode.py`);
     None uses it with the transformers backend on a CUDA GPU and keeps `generate` elsewhere. Extra keyword
     arguments go to `generate`.
     """
@@ -132,20 +187,22 @@ def generate_answers(
         num_samples=num_samples,
     )
     kwargs.update(generate_kwargs)
+    check_fits_context(vlm, inputs["input_ids"].shape[1], max_new_tokens)
     collecting = None
-    if num_samples == 1 and stream is not False and stream is not None:
+    if stream is not False and stream is not None:
         if isinstance(stream, BaseStreamer):
-            kwargs["streamer"] = stream
+            streamer = stream
         else:
             collecting = make_streamer(vlm.processor, on_text=stream if callable(stream) else None,
                                        echo=stream is True)
-            kwargs["streamer"] = collecting
+            streamer = collecting
+        kwargs["streamer"] = streamer if num_samples == 1 else first_answer_streamer(streamer)
     if seed is not None:
         set_seed(seed)
     with torch.inference_mode():
         output = _run_generate(vlm, inputs, kwargs, fast)
     new_tokens = output[:, inputs["input_ids"].shape[1]:]
-    if collecting is not None:
+    if collecting is not None and num_samples == 1:
         return [collecting.text]
     return _tokenizer(vlm.processor).batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -169,12 +226,12 @@ def _run_generate(vlm: VisionModel, inputs: Any, kwargs: dict[str, Any], fast: b
 def describe_image(
     vlm: VisionModel,
     image: ImageSource,
-    instruction: str = DEFAULT_INSTRUCTION,
+    instruction: str | None = DEFAULT_INSTRUCTION,
     *,
-    max_new_tokens: int = 1024,
-    temperature: float = 1.5,
-    min_p: float = 0.1,
-    do_sample: bool = True,
+    max_new_tokens: int = DEFAULT_SETTINGS["max_new_tokens"],
+    temperature: float = DEFAULT_SETTINGS["temperature"],
+    min_p: float = DEFAULT_SETTINGS["min_p"],
+    do_sample: bool = DEFAULT_SETTINGS["do_sample"],
     seed: int | None = None,
     stream: StreamTarget = True,
     num_samples: int = 1,
@@ -184,10 +241,15 @@ def describe_image(
 
     Returns the answer as a string, or a list of `num_samples` answers drawn in one batched `generate`
     call. With `stream=True` a single answer is printed as it is generated and the returned string is
-    exactly what was printed (less the final newline).
+    exactly what was printed (less the final newline); with several, the first is printed as it is generated.
+    `instruction=None` (or blank) asks the default question. Settings out of range raise `SettingsError`,
+    a prompt too long for the model's context `ChatError`, both before anything is generated.
     """
+    question = question_text(instruction)
+    sampling_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, min_p=min_p, do_sample=do_sample,
+                    num_samples=num_samples)
     picture = load_image(image)
-    inputs = prepare_inputs(vlm, [user_message(instruction, with_image=True)], picture)
+    inputs = prepare_inputs(vlm, [user_message(question, with_image=True)], picture)
     answers = generate_answers(
         vlm, inputs, stream=stream, seed=seed, num_samples=num_samples, max_new_tokens=max_new_tokens,
         temperature=temperature, min_p=min_p, do_sample=do_sample, **generate_kwargs,
@@ -198,7 +260,8 @@ def describe_image(
 class Chat:
     """A multi-turn conversation about (at most) one image, shown in the first user turn.
 
-    `ask()` keeps the history; if it raises, the history is as it was before the call.
+    `ask()` keeps the history; if it raises, the history is as it was before the call. A conversation holds
+    one answer a turn, so `num_samples` is refused (`describe_image` draws several answers to one question).
     """
 
     def __init__(self, vlm: VisionModel, image: ImageSource | None = None, *, system: str | None = None,
@@ -208,6 +271,7 @@ class Chat:
                 "Llama 3.2 Vision does not take a system message together with an image: put the instruction "
                 "in your first question instead."
             )
+        _refuse_num_samples(settings)
         self.vlm = vlm
         self.image = load_image(image) if image is not None else None
         self.system = system
@@ -223,17 +287,22 @@ class Chat:
         """Forget the turns; keep the image and the settings."""
         self._turns = []
 
-    def messages(self, question: str, image_given_now: bool = False) -> list[dict]:
-        """The full message list for the next question; the image goes in the first user turn only."""
+    def messages(self, question: str | None, image_given_now: bool = False) -> list[dict]:
+        """The full message list for the next question; the image goes in the first user turn only.
+
+        A blank question about an image is the default question (`question_text`).
+        """
         turns = copy.deepcopy(self._turns)
-        show_image = not turns and (self.image is not None or image_given_now)
-        turns.append(user_message(question, with_image=show_image))
+        has_image = self.image is not None or image_given_now
+        show_image = not turns and has_image
+        turns.append(user_message(question_text(question, with_image=has_image), with_image=show_image))
         if self.system:
             turns.insert(0, {"role": "system", "content": self.system})
         return turns
 
-    def ask(self, question: str, image: ImageSource | None = None, **settings: Any) -> str:
+    def ask(self, question: str | None, image: ImageSource | None = None, **settings: Any) -> str:
         """Ask a question (optionally giving the image now, if the chat has none yet) and return the answer."""
+        _refuse_num_samples(settings)
         new_image = None
         if image is not None:
             if self.image is not None:
@@ -249,7 +318,6 @@ class Chat:
         picture = new_image if new_image is not None else self.image
         messages = self.messages(question, image_given_now=new_image is not None)
         options = {**self.settings, **settings}
-        options.pop("num_samples", None)
         inputs = prepare_inputs(self.vlm, messages, picture)
         answer = generate_answers(self.vlm, inputs, **options)[0]
         # Only a successful turn changes the state.
@@ -258,3 +326,11 @@ class Chat:
         user_turn = messages[-1]
         self._turns.extend([user_turn, assistant_message(answer)])
         return answer
+
+
+def _refuse_num_samples(settings: dict[str, Any]) -> None:
+    if settings.get("num_samples", 1) != 1:
+        raise SettingsError(
+            "A Chat keeps one answer a turn, so it does not take num_samples; use describe_image(vlm, image, "
+            "question, num_samples=k) for several answers to one question."
+        )

@@ -12,15 +12,36 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
-DEFAULT_MODEL = "unsloth/Llama-3.2-11B-Vision-Instruct-bnb-4bit"
-TINY_ALIAS = "tiny-random"
-BACKENDS = ("auto", "unsloth", "transformers")
+from .defaults import BACKENDS, DEFAULT_MODEL, TINY_ALIAS
+
+__all__ = ["BACKENDS", "DEFAULT_MODEL", "TINY_ALIAS", "ModelLoadError", "VisionModel", "load_model"]
+
+
+class Spelling(NamedTuple):
+    """How advice names an option: as Python arguments or as command-line flags."""
+
+    tiny: str
+    transformers: str
+
+
+PYTHON = Spelling(tiny="load_model('tiny-random')", transformers="backend='transformers'")
+CLI = Spelling(tiny="--model tiny-random", transformers="--backend transformers")
 
 
 class ModelLoadError(RuntimeError):
-    """The model could not be loaded; the message says what to do instead."""
+    """The model could not be loaded; the message says what to do instead.
+
+    `str(err)` gives the advice in Python terms; `err.advice(CLI)` the same advice as command-line flags.
+    """
+
+    def __init__(self, message: str | Callable[[Spelling], str]) -> None:
+        self._say = message if callable(message) else (lambda _spelling: message)
+        super().__init__(self._say(PYTHON))
+
+    def advice(self, spelling: Spelling = PYTHON) -> str:
+        return self._say(spelling)
 
 
 @dataclass
@@ -52,6 +73,19 @@ def local_processor(vlm: VisionModel) -> Any:
 def cache_dir() -> Path:
     """Where built artefacts (the tiny checkpoint, random-weight checkpoints) are kept."""
     return Path(os.environ.get("LLAMA_VISION_CACHE", Path.home() / ".cache" / "llama_vision_helpers"))
+
+
+def writable_cache_dir() -> Path:
+    """`cache_dir()`, created if needed; `ModelLoadError` when it cannot be a folder."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as err:
+        raise ModelLoadError(
+            f"The cache folder {folder} cannot be created ({err.strerror or err}): part of that path is a file or "
+            "is not writable. Set LLAMA_VISION_CACHE to a folder you can write to."
+        ) from err
+    return folder
 
 
 def resolve_model_name(model_name: str | None = None) -> str:
@@ -89,7 +123,7 @@ def tiny_checkpoint_path() -> Path:
     """Build the tiny random checkpoint once (cached) and return its folder."""
     from .tiny import build_tiny_checkpoint, is_tiny_checkpoint
 
-    path = cache_dir() / "tiny-random-mllama"
+    path = writable_cache_dir() / "tiny-random-mllama"
     if not is_tiny_checkpoint(path):
         tmp = path.with_name(path.name + f".building-{os.getpid()}")
         build_tiny_checkpoint(tmp)
@@ -114,6 +148,41 @@ def is_prequantized(source: str) -> bool:
     return False
 
 
+def looks_like_path(name: str) -> bool:
+    """True when `name` cannot be a Hub repository id (e.g. `./model`, `/data/llama`, `a/b/c`)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_local_source(source: str) -> None:
+    """Refuse, before building anything, a path that does not exist or a folder holding another kind of model."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        if looks_like_path(source):
+            raise ModelLoadError(f"No such model folder: {path}. Check the path (it is not a Hub repository id).")
+        return  # a Hub id
+    if not path.is_dir():
+        raise ModelLoadError(f"{path} is a file; pass the folder that holds config.json and the weights.")
+    config = path / "config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{path} has no config.json: it is not a model checkpoint folder.")
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as err:
+        raise ModelLoadError(f"{config} is not a readable model config ({err}).") from err
+    if model_type != "mllama":
+        raise ModelLoadError(
+            f"{path} holds a {model_type or 'unknown'} model, not Llama 3.2 Vision (model_type 'mllama'). "
+            "Point at a Llama 3.2 Vision checkpoint."
+        )
+
+
 def load_model(
     model_name: str | None = None,
     *,
@@ -135,27 +204,29 @@ def load_model(
 
     if chosen == "unsloth":
         if not unsloth_installed():
-            raise ModelLoadError(
+            raise ModelLoadError(lambda say: (
                 "backend='unsloth' needs unsloth: install it with `pip install -e .[gpu]` on a machine with a "
-                "GPU, or use backend='transformers'."
-            )
+                f"GPU, or use {say.transformers}."
+            ))
         if not on_gpu:
-            raise ModelLoadError(
-                "backend='unsloth' needs a CUDA or ROCm GPU and none is visible. Use backend='transformers' "
-                "(CPU) or load_model('tiny-random') to try the notebooks without a GPU."
-            )
+            raise ModelLoadError(lambda say: (
+                f"backend='unsloth' needs a CUDA or ROCm GPU and none is visible. Use {say.transformers} "
+                f"(CPU) or {say.tiny} to try the notebooks without a GPU."
+            ))
+    source = str(tiny_checkpoint_path()) if is_tiny else name
+    if not is_tiny:
+        check_local_source(source)
     if chosen == "unsloth":
         import unsloth  # noqa: F401  (before transformers is imported, as unsloth asks; only with a GPU)
-    source = str(tiny_checkpoint_path()) if is_tiny else name
     prequantized = is_prequantized(source)
     if load_in_4bit is None:
         load_in_4bit = prequantized or chosen == "unsloth"
     if prequantized and not on_gpu:
-        raise ModelLoadError(
+        raise ModelLoadError(lambda say: (
             f"{name} is a bitsandbytes 4-bit checkpoint, which needs a GPU. Without one, use "
-            "load_model('tiny-random') to run the notebooks; with a GPU but no bitsandbytes, load "
-            "'meta-llama/Llama-3.2-11B-Vision-Instruct' with backend='transformers' in bf16."
-        )
+            f"{say.tiny} to run the notebooks; with a GPU but no bitsandbytes, load "
+            f"'meta-llama/Llama-3.2-11B-Vision-Instruct' with {say.transformers} in bf16."
+        ))
 
     try:
         if chosen == "unsloth":
@@ -209,31 +280,56 @@ def _load_transformers(source: str, load_in_4bit: bool, device_map: Any, dtype: 
     return model, processor
 
 
-def _explain_load_failure(name: str, err: Exception) -> ModelLoadError:
-    """Turn a loading exception into a ModelLoadError that says what to do."""
-    import torch
+def _causes(err: BaseException):
+    """The exception and the ones it was raised from (transformers wraps Hub errors in OSError)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
 
-    text = f"{type(err).__name__}: {err}"
-    if isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower():
+
+def _explain_load_failure(name: str, err: Exception) -> ModelLoadError:
+    """Turn a loading exception into a ModelLoadError that says what to do, by the Hub's error types."""
+    import httpx
+    import torch
+    from huggingface_hub.errors import (
+        GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    chain = list(_causes(err))
+    first_line = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+    def caused_by(*kinds: type) -> bool:
+        return any(isinstance(e, kinds) for e in chain)
+
+    if caused_by(torch.cuda.OutOfMemoryError):
         return ModelLoadError(
             f"The GPU ran out of memory loading {name}. Load it in 4-bit (load_in_4bit=True, about 7 GB for the "
             "11B model) or use a 4-bit checkpoint such as unsloth/Llama-3.2-11B-Vision-Instruct-bnb-4bit."
         )
-    gated = any(word in text for word in ("GatedRepo", "gated", "401", "403", "Unauthorized"))
-    if gated:
+    # GatedRepoError and RevisionNotFoundError are kinds of RepositoryNotFoundError: ask for them first.
+    if caused_by(GatedRepoError):
         return ModelLoadError(
             f"{name} is gated on the Hugging Face Hub. Accept its licence on its hub page, log in with "
             "`hf auth login` (or set HF_TOKEN), or point load_model at a local folder holding the checkpoint."
         )
-    missing = any(
-        word in text
-        for word in ("RepositoryNotFound", "LocalEntryNotFound", "offline", "Connection", "resolve", "not a local folder")
-    )
-    if missing or isinstance(err, OSError):
+    if caused_by(RevisionNotFoundError):
+        return ModelLoadError(f"{name} has no such revision on the Hugging Face Hub. ({first_line})")
+    if caused_by(RepositoryNotFoundError):
         return ModelLoadError(
-            f"Could not load {name}: the Hugging Face Hub is unreachable or has no such repository, and no local "
-            "copy was found. Check the name, connect and log in (`hf auth login`), pass a local folder that holds "
-            "the checkpoint, or use load_model('tiny-random') to work offline. "
-            f"({text.splitlines()[0][:300]})"
+            f"{name} is not a repository on the Hugging Face Hub, or it is private and you are not logged in. "
+            "Check the name, log in with `hf auth login` (or set HF_TOKEN), or pass a local folder that holds "
+            "the checkpoint."
         )
-    return ModelLoadError(f"Could not load {name}: {text.splitlines()[0][:500]}")
+    if caused_by(LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError):
+        return ModelLoadError(lambda say: (
+            f"Could not load {name}: the Hugging Face Hub cannot be reached (offline, or no network) and no local "
+            "copy was found. Connect (unset HF_HUB_OFFLINE; `hf auth login` for a gated model), pass a local folder "
+            "that holds the checkpoint, "
+            f"or use {say.tiny} to work offline. ({first_line})"
+        ))
+    if caused_by(HfHubHTTPError):
+        return ModelLoadError(f"The Hugging Face Hub refused to send {name}; try again later. ({first_line})")
+    return ModelLoadError(f"Could not load {name}: {first_line}")

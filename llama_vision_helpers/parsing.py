@@ -199,7 +199,15 @@ def parse_clock_time(text: str) -> ClockTime:
 
 _NUMBER = re.compile(r"(?<![\w.])[-−–]?\s?[$€£]?\s?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.])[-−–]?\s?[$€£]?\s?\d+(?:\.\d+)?")
 _BOLD = re.compile(r"\*\*([^*]+)\*\*")
-_CUES = re.compile(r"=|\bequals\b|\banswer\b|\bresult\b|\bfinal\b", re.I)
+# A bold line that names a step or a section ("**Step 3: Subtract ...**", "**Company A:**") is a heading, not
+# the answer.
+_HEADING = re.compile(r"^\s*(?:step|part|stage|phase)\b|:\s*$", re.I)
+# Words that introduce the conclusion of a worked answer; the answer is the first number after the last of them.
+CONCLUSION_CUES = re.compile(
+    r"=|\bequals\b|\banswer\b|\bresult\b|\bfinal\b|\btherefore\b|\bthus\b|\bhence\b|\bso\b"
+    r"|\bin conclusion\b|\bin total\b|\bin summary\b",
+    re.I,
+)
 
 
 def _numbers_in(text: str) -> list[float]:
@@ -210,16 +218,35 @@ def _numbers_in(text: str) -> list[float]:
     return values
 
 
-def parse_number(text: str) -> float:
-    """The answer number in text: a bolded number, else the first number after the last '=' or cue word
-    ('answer', 'result', 'final'), else the last number. Handles 1,234.5, $3.49, -7, 42% and 'twelve'."""
-    for bold in reversed(_BOLD.findall(text)):
+def answer_bolds(text: str) -> list[str]:
+    """The bold spans of `text` that are not headings, in order."""
+    return [bold for bold in _BOLD.findall(text) if not _HEADING.search(bold)]
+
+
+def _first_number(segment: str) -> float | None:
+    """A bold number in the segment if there is one, else its first number."""
+    for bold in answer_bolds(segment):
         numbers = _numbers_in(bold)
         if numbers:
             return numbers[0]
-    cues = list(_CUES.finditer(text))
-    for cue in reversed(cues):
-        numbers = _numbers_in(text[cue.end():])
+    numbers = _numbers_in(segment)
+    return numbers[0] if numbers else None
+
+
+def parse_number(text: str) -> float:
+    """The answer number in text, read as a careful grader reads a worked answer.
+
+    In order: the first number (a bold one first) after the last conclusion cue that has one ('=', 'answer',
+    'therefore', 'so', ...); else the last bold number that is not a step heading; else the last number; else
+    the last number word. Steps, lists and repeated answers before the conclusion are passed over.
+    Handles 1,234.5, $3.49, -7, 42% and 'twelve'.
+    """
+    for cue in reversed(list(CONCLUSION_CUES.finditer(text))):
+        number = _first_number(text[cue.end():])
+        if number is not None:
+            return number
+    for bold in reversed(answer_bolds(text)):
+        numbers = _numbers_in(bold)
         if numbers:
             return numbers[0]
     numbers = _numbers_in(text)

@@ -20,8 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .scoring import Score, parse_answer, score_parsed
 from . import parsing
+from .defaults import DEFAULT_INSTRUCTION
+from .inputs import (
+    SOURCE_CAPTION, SOURCE_INVOICE, SOURCE_REVENUE, SOURCE_STEP_BY_STEP, SOURCE_STEP_EXPLANATION,
+)
+from .scoring import Score, parse_answer, score_parsed
 
 # The grades a person gives; `grade_published` reports our scorers' verdict in the same words.
 CORRECT, PARTLY_CORRECT, WRONG, UNVERIFIABLE = "correct", "partly correct", "wrong", "unverifiable"
@@ -166,7 +170,7 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
     PublishedAnswer(
         id="unsloth-mirror-caption",
         source=_UNSLOTH,
-        prompt="Describe the image accurately.",
+        prompt=DEFAULT_INSTRUCTION,
         answer=(
             "The image presents a circular mirror reflection on a beach, with the mirror itself placed on the sand "
             "and rocks, surrounded by a large rock formation. In the foreground, a circular mirror is positioned on "
@@ -243,8 +247,8 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
     PublishedAnswer(
         id="rocm-clevr-count",
         source=_ROCM,
-        prompt=("Subtract all green cubes and all red matte blocks from the set. How many objects remain? Please "
-                "provide a step-by-step explanation of your reasoning."),
+        prompt=("Subtract all green cubes and all red matte blocks from the set. How many objects remain? "
+                + SOURCE_STEP_EXPLANATION),
         answer=(
             "To determine the number of objects that remain after subtracting all green cubes and red matte blocks "
             "from the set, we need to identify and count each type of object in the image.\n\n"
@@ -277,8 +281,7 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
     PublishedAnswer(
         id="rocm-car-vs-walk",
         source=_ROCM,
-        prompt=("Approximately how many more students ride in a car than walk? Please walk through your reasoning "
-                "step by step to arrive at the solution."),
+        prompt=f"Approximately how many more students ride in a car than walk? {SOURCE_STEP_BY_STEP}",
         answer=(
             "To find the difference between the number of students who ride in a car and those who walk, we need to "
             "subtract the number of students who walk from the number of students who ride in a car.\n\n"
@@ -337,8 +340,7 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
     PublishedAnswer(
         id="rocm-revenue-sort",
         source=_ROCM,
-        prompt=("Help me understand the revenue shown in this chart and sort the items in descending order based on "
-                "their revenue."),
+        prompt=SOURCE_REVENUE,
         answer=(
             "Based on the bar chart, here is a breakdown of the revenue for each item and the sorted list in "
             "descending order:\n\n"
@@ -367,7 +369,7 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
     PublishedAnswer(
         id="rocm-invoice-no-template",
         source=_ROCM,
-        prompt="<|image|><|begin_of_text|> How long does it take from invoice date to due date? Be short and concise.",
+        prompt=f"<|image|><|begin_of_text|> {SOURCE_INVOICE}",
         answer=(
             "The invoice date is 11/02/2019 and the due date is 26/02/2019. Therefore, the time between the invoice "
             "date and the due date is 15 days. (26-11=15) *Answer*: 15 days. *Answer*: 15 days. *Answer*: 15 days. "
@@ -389,7 +391,7 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
     PublishedAnswer(
         id="rocm-coco-caption",
         source=_ROCM,
-        prompt="Please provide a caption for the image.",
+        prompt=SOURCE_CAPTION,
         answer=(
             "The image depicts a dog sitting on the sidewalk next to a bicycle parked in front of a red building. The "
             "dog is white with black spots and wears a black collar, facing right towards the camera. It sits on a "
@@ -459,7 +461,7 @@ def published_table(task: str | None = None):
         graded = grade_published(answer)
         rows.append({
             "id": answer.id, "source": answer.source.title, "model": answer.source.model,
-            "precision": answer.source.precision, "task": answer.task, "prompt": answer.prompt,
+            "precision": answer.source.precision, "task": answer.task or "(none of ours)", "prompt": answer.prompt,
             "read_as": graded.read_as,
             "our_verdict": graded.verdict, "person_grade": answer.grade, "why": answer.grade_reason,
         })

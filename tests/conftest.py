@@ -1,4 +1,6 @@
+import importlib
 import os
+import sys
 
 import pytest
 from PIL import Image
@@ -22,6 +24,25 @@ def photo():
     for x in range(0, 240, 20):
         image.paste((x, 80, 200 - x // 2), (x, 0, x + 10, 110))
     return image
+
+
+@pytest.fixture
+def fake_unsloth(tmp_path, monkeypatch):
+    """An installed-looking `unsloth` whose import raises, as the real one does without a GPU.
+
+    With it on the path, code that imports unsloth fails loudly even where unsloth is not installed.
+    Returns the folder to put on PYTHONPATH for a subprocess.
+    """
+    folder = tmp_path / "fake_site"
+    (folder / "unsloth").mkdir(parents=True)
+    (folder / "unsloth" / "__init__.py").write_text(
+        "raise NotImplementedError('unsloth was imported (this fake stands for it on a machine without a GPU)')\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.delitem(sys.modules, "unsloth", raising=False)
+    importlib.invalidate_caches()
+    yield folder
+    sys.modules.pop("unsloth", None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,8 @@
 import pytest
 
 from llama_vision_helpers import Chat, ChatError, describe_image
-from llama_vision_helpers.generation import prepare_inputs, render_prompt, user_message
+from llama_vision_helpers.defaults import DEFAULT_INSTRUCTION
+from llama_vision_helpers.generation import SettingsError, prepare_inputs, render_prompt, user_message
 from llama_vision_helpers.prompt_format import vision_prompt
 
 SHORT = {"max_new_tokens": 12}
@@ -124,3 +125,99 @@ def test_chat_can_take_the_image_with_the_first_question(vlm, photo):
     chat = Chat(vlm, stream=False, **SHORT)
     chat.ask("What is in this picture?", image=photo, seed=0)
     assert chat.image is not None and chat.history[0]["content"][0] == {"type": "image"}
+
+
+def _spy_generate(vlm, monkeypatch):
+    calls = []
+    original = vlm.model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.model, "generate", spy)
+    return calls
+
+
+def test_sampling_settings_reach_generate_unchanged(vlm, photo, monkeypatch):
+    calls = _spy_generate(vlm, monkeypatch)
+    describe_image(vlm, photo, temperature=0.35, min_p=0.07, seed=0, stream=False, max_new_tokens=3)
+    Chat(vlm, photo, stream=False, temperature=0.6, min_p=0.2, max_new_tokens=3).ask("What is it?", seed=0)
+    assert [(c["temperature"], c["min_p"], c["max_new_tokens"], c["do_sample"]) for c in calls] == [
+        (0.35, 0.07, 3, True), (0.6, 0.2, 3, True)]
+
+
+def test_defaults_are_the_reference_walk_through_settings(vlm, photo, monkeypatch):
+    calls = _spy_generate(vlm, monkeypatch)
+    describe_image(vlm, photo, seed=0, stream=False, max_new_tokens=2)
+    assert (calls[0]["temperature"], calls[0]["min_p"], calls[0]["do_sample"]) == (1.5, 0.1, True)
+
+
+def _sent_messages(monkeypatch):
+    import llama_vision_helpers.generation as generation
+
+    sent = []
+    original = generation.prepare_inputs
+
+    def spy(vlm, messages, image=None):
+        sent.append(messages)
+        return original(vlm, messages, image)
+
+    monkeypatch.setattr(generation, "prepare_inputs", spy)
+    return sent
+
+
+def test_no_instruction_asks_the_default_question(vlm, photo, monkeypatch):
+    sent = _sent_messages(monkeypatch)
+    describe_image(vlm, photo, None, seed=0, stream=False, max_new_tokens=2)
+    describe_image(vlm, photo, "  ", seed=0, stream=False, max_new_tokens=2)
+    texts = [m[-1]["content"][-1]["text"] for m in sent]
+    assert texts == [DEFAULT_INSTRUCTION, DEFAULT_INSTRUCTION]
+
+
+def test_a_chat_opened_with_a_blank_question_remembers_the_default_question(vlm, photo):
+    chat = Chat(vlm, photo, stream=False, max_new_tokens=2)
+    chat.ask("", seed=0)
+    chat.ask("And the colours?", seed=0)
+    prompt = render_prompt(vlm.processor, chat.messages("More?"))
+    assert chat.history[0]["content"][-1]["text"] == DEFAULT_INSTRUCTION
+    assert prompt.index(DEFAULT_INSTRUCTION) < prompt.index("And the colours?")
+    with pytest.raises(ChatError, match="question"):
+        Chat(vlm, stream=False).ask(None)
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_generating(vlm, photo, monkeypatch):
+    calls = _spy_generate(vlm, monkeypatch)
+    context = vlm.model.config.text_config.max_position_embeddings
+    with pytest.raises(ChatError, match=f"context of {context} tokens"):
+        describe_image(vlm, photo, "Describe it. " * context, stream=False, max_new_tokens=2)
+    with pytest.raises(ChatError, match="lower max_new_tokens"):
+        describe_image(vlm, photo, stream=False, max_new_tokens=context)
+    assert calls == []
+
+
+@pytest.mark.parametrize("min_p", [-0.1, 1.5, float("nan")])
+def test_min_p_out_of_range_is_refused_before_anything_runs(vlm, photo, monkeypatch, min_p):
+    calls = _spy_generate(vlm, monkeypatch)
+    sent = _sent_messages(monkeypatch)
+    with pytest.raises(SettingsError, match="min_p must be between 0 and 1"):
+        describe_image(vlm, photo, min_p=min_p, stream=False, max_new_tokens=2)
+    assert calls == [] and sent == []
+
+
+def test_chat_refuses_several_samples_and_says_where_to_get_them(vlm, photo):
+    with pytest.raises(SettingsError, match="describe_image"):
+        Chat(vlm, photo, num_samples=3)
+    chat = Chat(vlm, photo, stream=False, max_new_tokens=2)
+    with pytest.raises(SettingsError, match="num_samples"):
+        chat.ask("What is it?", num_samples=3)
+    assert chat.history == []
+
+
+def test_several_samples_stream_the_first_and_return_all(vlm, photo, capsys):
+    chunks = []
+    answers = describe_image(vlm, photo, num_samples=3, seed=5, stream=chunks.append, max_new_tokens=10)
+    assert isinstance(answers, list) and len(answers) == 3
+    assert chunks and "".join(chunks) == answers[0]
+    printed = describe_image(vlm, photo, num_samples=3, seed=5, max_new_tokens=10)
+    assert printed == answers and capsys.readouterr().out == answers[0] + "\n"

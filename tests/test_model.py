@@ -54,11 +54,13 @@ def test_model_name_resolution(monkeypatch):
     assert model_module.resolve_model_name("./my-folder") == "./my-folder"
 
 
-def test_auto_backend_on_cpu_is_transformers_and_never_imports_unsloth(monkeypatch):
+def test_auto_backend_on_cpu_is_transformers_and_never_imports_unsloth(monkeypatch, fake_unsloth, vlm):
     monkeypatch.delenv("LLAMA_VISION_BACKEND", raising=False)
-    monkeypatch.setattr(model_module, "unsloth_installed", lambda: True)
     monkeypatch.setattr(model_module, "gpu_available", lambda: False)
+    assert model_module.unsloth_installed()  # the fake one
     assert model_module.choose_backend("auto") == "transformers"
+    loaded = load_model("tiny-random")  # importing the fake unsloth would raise
+    assert loaded.backend == "transformers"
     monkeypatch.setattr(model_module, "gpu_available", lambda: True)
     assert model_module.choose_backend("auto") == "unsloth"
     assert "unsloth" not in sys.modules
@@ -73,22 +75,26 @@ def test_backend_environment_variable_replaces_auto(monkeypatch):
         model_module.choose_backend("auto")
 
 
-def test_load_in_a_fresh_process_does_not_import_unsloth(vlm):
+def test_load_in_a_fresh_process_does_not_import_unsloth(vlm, fake_unsloth):
     code = (
         "import sys, llama_vision_helpers as h; v = h.load_model('tiny-random'); "
         "print(v.backend, 'unsloth' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "LLAMA_VISION_BACKEND": ""})
+    path = os.pathsep.join([str(fake_unsloth), *sys.path])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "LLAMA_VISION_BACKEND": "", "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["transformers", "False"]
 
 
-def test_unsloth_without_gpu_or_package_says_what_to_do(monkeypatch):
+def test_unsloth_without_gpu_or_package_says_what_to_do(monkeypatch, fake_unsloth):
+    installed = model_module.unsloth_installed
     monkeypatch.setattr(model_module, "gpu_available", lambda: False)
     monkeypatch.setattr(model_module, "unsloth_installed", lambda: False)
     with pytest.raises(ModelLoadError, match=r"pip install -e \.\[gpu\]"):
         load_model("tiny-random", backend="unsloth")
-    monkeypatch.setattr(model_module, "unsloth_installed", lambda: True)
+    monkeypatch.setattr(model_module, "unsloth_installed", installed)
+    assert model_module.unsloth_installed()  # the fake one, whose import raises
     with pytest.raises(ModelLoadError, match="needs a CUDA or ROCm GPU"):
         load_model("tiny-random", backend="unsloth")
     assert "unsloth" not in sys.modules
@@ -108,6 +114,45 @@ def test_unreachable_hub_says_how_to_work_offline(monkeypatch):
     assert "hf auth login" in str(info.value)
 
 
+def test_a_folder_holding_another_kind_of_model_is_refused_before_building(tmp_path, monkeypatch):
+    from transformers import MllamaForConditionalGeneration
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 768}))
+    built = []
+    monkeypatch.setattr(MllamaForConditionalGeneration, "from_pretrained", lambda *a, **k: built.append(a))
+    with pytest.raises(ModelLoadError, match="bert model, not Llama 3.2 Vision"):
+        load_model(str(folder), backend="transformers")
+    assert built == []
+
+
+def test_a_local_path_that_does_not_exist_is_not_blamed_on_the_hub(tmp_path):
+    with pytest.raises(ModelLoadError, match="No such model folder") as info:
+        load_model(str(tmp_path / "no-such-folder"), backend="transformers")
+    assert "Hub is" not in str(info.value) and "unreachable" not in str(info.value)
+    with pytest.raises(ModelLoadError, match="No such model folder"):
+        load_model("./checkpoints/llama", backend="transformers")
+
+
+def test_cache_under_a_regular_file_says_which_setting_to_change(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("LLAMA_VISION_CACHE", str(blocker / "cache"))
+    with pytest.raises(ModelLoadError, match="LLAMA_VISION_CACHE"):
+        load_model("tiny-random")
+
+
+def test_default_model_without_gpu_speaks_python_or_cli(monkeypatch):
+    monkeypatch.setattr(model_module, "gpu_available", lambda: False)
+    monkeypatch.delenv("LLAMA_VISION_MODEL", raising=False)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(backend="transformers")
+    assert "load_model('tiny-random')" in str(info.value)
+    cli_words = info.value.advice(model_module.CLI)
+    assert "--model tiny-random" in cli_words and "load_model" not in cli_words
+
+
 def _raise_from_pretrained(monkeypatch, error):
     from transformers import MllamaForConditionalGeneration
 
@@ -124,13 +169,43 @@ def test_out_of_memory_suggests_4bit(monkeypatch, vlm):
 
 
 def test_gated_repo_says_how_to_log_in(monkeypatch, vlm):
-    import httpx
     from huggingface_hub.errors import GatedRepoError
 
-    response = httpx.Response(401, request=httpx.Request("GET", "http://127.0.0.1/model/config.json"))
-    _raise_from_pretrained(monkeypatch, GatedRepoError("Access to model is restricted.", response=response))
+    _raise_from_pretrained(monkeypatch, GatedRepoError("Access to model is restricted.", response=_hub_response(401)))
     with pytest.raises(ModelLoadError, match="hf auth login"):
         load_model("tiny-random")
+
+
+def _hub_response(status):
+    import httpx
+
+    return httpx.Response(status, request=httpx.Request("GET", "http://127.0.0.1/model/config.json"))
+
+
+def test_hub_failures_are_told_apart_by_their_types(monkeypatch, vlm):
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    def wrapped(error):  # transformers raises OSError from the Hub's error
+        try:
+            raise error
+        except Exception as cause:
+            try:
+                raise OSError("could not load the files") from cause
+            except OSError as outer:
+                return outer
+
+    _raise_from_pretrained(monkeypatch, wrapped(RepositoryNotFoundError("404 Client Error.", response=_hub_response(404))))
+    with pytest.raises(ModelLoadError, match="not a repository on the Hugging Face Hub"):
+        load_model("tiny-random")
+    _raise_from_pretrained(monkeypatch, wrapped(LocalEntryNotFoundError("cannot find the requested files")))
+    with pytest.raises(ModelLoadError, match="cannot be reached") as info:
+        load_model("tiny-random")
+    assert "tiny-random" in str(info.value)
+    # Words alone decide nothing: an error that merely mentions "gated" or "401" is not a gated repository.
+    _raise_from_pretrained(monkeypatch, OSError("gated 401 Unauthorized offline Connection"))
+    with pytest.raises(ModelLoadError) as info:
+        load_model("tiny-random")
+    assert "gated on" not in str(info.value) and "cannot be reached" not in str(info.value)
 
 
 def test_transformers_backend_loads_tiny_random_in_4bit_on_cpu(vlm, photo):
