@@ -19,7 +19,7 @@ TILE_SIZE = 56
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 BPE_VOCAB_SIZE = 512
-BUILD_VERSION = 3  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 4  # bump when the recipe changes so cached copies are rebuilt
 
 _CORPUS = """
 Describe the image accurately. The photo shows a cat sitting on a wooden table next to a window.
@@ -33,6 +33,9 @@ What time does the watch show? The time is 10:10. It is ten past ten, quarter to
 How many more people ride a car than walk? Sort the companies by revenue. The invoice is due in 30 days.
 Count the red circles and the blue squares, then subtract. There are 4 shapes left. The chart shows 42%.
 The quick brown fox jumps over the lazy dog. 0123456789 one two three four five six seven eight nine ten.
+Please provide a caption for the image. Help me understand the revenue shown in this chart and sort the items.
+Please walk through your reasoning step by step to arrive at the solution. **Step 1: Identify the number.**
+Therefore, the answer is **36**. The invoice date and the due date are 30 days apart. Company A and Company B.
 """
 
 
