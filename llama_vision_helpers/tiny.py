@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 from .prompt_format import CHAT_TEMPLATE, SPECIAL_TOKENS
@@ -145,9 +146,23 @@ def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     model = MllamaForConditionalGeneration(config).eval()
-    _save_model_and_processor(model, path, ids, TILE_SIZE)
+    with _no_progress_bars():  # a second's work; a bar would land in whichever notebook cell built it
+        _save_model_and_processor(model, path, ids, TILE_SIZE)
     _write_marker(path, seed=seed)
     return path
+
+
+@contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
 
 
 def _special_ids(path: Path) -> dict[str, int]:
