@@ -1,8 +1,9 @@
 """The Gradio chat app: upload an image, ask about it, follow up; answers stream as they are generated.
 
-Each request gets its own TextIteratorStreamer and worker thread, so concurrent users never see each other's
-tokens; the queue lets one generation use the GPU at a time and shows the others their place in line.
-Gradio is imported only here (the `app` extra).
+Each request rebuilds its conversation as a `Chat` (the one place that knows how a conversation is laid out)
+from the history Gradio sends, and gets its own TextIteratorStreamer and worker thread, so concurrent users
+never see each other's tokens; the queue lets one generation use the GPU at a time and shows the others their
+place in line. Gradio is imported only here (the `app` extra).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .generation import assistant_message, generate_answers, prepare_inputs, user_message
+from .defaults import DEFAULT_INSTRUCTION, DEFAULT_SETTINGS
+from .generation import Chat, ChatError, SettingsError, sampling_kwargs
 from .images import ImageLoadError, load_image
 from .model import VisionModel
 
@@ -21,7 +23,20 @@ NOTICE = "⚠️ "  # marks the app's own messages, which are left out of what t
 NEED_IMAGE = NOTICE + "Please upload an image first (drag it into the box or use the paperclip), then ask about it."
 ONE_IMAGE = NOTICE + ("This conversation already has an image, and the model was trained on one image per "
                       "conversation. Start a new chat to ask about another image.")
+FAILED = NOTICE + "Generation failed: "
 STREAM_TIMEOUT_S = 600
+MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads (HTTP 413) before they reach the handler
+APP_MAX_NEW_TOKENS = 512  # shorter than the library's default: a chat turn, not a report
+
+
+class AppRequestError(Exception):
+    """A request the app cannot answer; the chat face turns it into a `gradio.Error` that API clients see too."""
+
+
+def not_an_image(path: str) -> str:
+    """The notice for an unreadable upload; it names the file as the user called it, never a server path."""
+    return NOTICE + (f"{Path(path).name} is not an image I can read. Please upload a picture "
+                     "(JPEG, PNG, WebP, GIF, BMP or TIFF).")
 
 
 def content_parts(content: Any) -> tuple[list[str], list[str]]:
@@ -47,20 +62,27 @@ def content_parts(content: Any) -> tuple[list[str], list[str]]:
 
 
 def conversation(history: Sequence[dict]) -> tuple[str | None, list[tuple[str, str]]]:
-    """The image path and the (question, answer) turns so far, leaving out turns the app answered itself."""
+    """The image path and the (question, answer) turns so far.
+
+    A user turn the app answered itself (a notice: no image yet, a refused upload, a failure) is left out with
+    its files, so a refused upload never becomes the conversation's image.
+    """
     image: str | None = None
     turns: list[tuple[str, str]] = []
     question: list[str] = []
+    files: list[str] = []
     for message in history:
-        texts, files = content_parts(message.get("content"))
+        texts, message_files = content_parts(message.get("content"))
         if message.get("role") == "user":
-            image = image or (files[0] if files else None)
             question.extend(t for t in texts if t)
+            files.extend(message_files)
         elif message.get("role") == "assistant":
             answer = "".join(texts)
-            if not answer.startswith(NOTICE) and image is not None:
-                turns.append((" ".join(question), answer))
-            question = []
+            if not answer.startswith(NOTICE):
+                image = image or (files[0] if files else None)
+                if image is not None:
+                    turns.append((" ".join(question), answer))
+            question, files = [], []
     return image, turns
 
 
@@ -76,9 +98,14 @@ def _stop_on(event: threading.Event):
     return StoppingCriteriaList([StopOnEvent()])
 
 
-def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_new_tokens: float = 512,
-            temperature: float = 1.5, min_p: float = 0.1, greedy: bool = False) -> Iterator[str]:
-    """Answer one chat message, yielding the answer so far as it streams (or one notice)."""
+def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict],
+            max_new_tokens: float = APP_MAX_NEW_TOKENS, temperature: float = DEFAULT_SETTINGS["temperature"],
+            min_p: float = DEFAULT_SETTINGS["min_p"], greedy: bool = False) -> Iterator[str]:
+    """Answer one chat message, yielding the answer so far as it streams (or one notice).
+
+    Settings out of range, a conversation the model cannot take and a failed generation raise
+    `AppRequestError` (after a notice, so the conversation stays usable).
+    """
     from transformers import TextIteratorStreamer
 
     text, files = (message, []) if isinstance(message, str) else (message.get("text") or "", message.get("files") or [])
@@ -89,22 +116,26 @@ def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_
         return
     if new_files:
         try:
-            load_image(new_files[0])
-        except ImageLoadError as err:
-            yield NOTICE + f"That file is not an image I can read ({Path(new_files[0]).name}): {err}"
+            image = load_image(new_files[0])
+        except ImageLoadError:
+            yield not_an_image(new_files[0])
             return
-        image_path = new_files[0]
-    if image_path is None:
+    elif image_path is None:
         yield NEED_IMAGE
         return
-    if not text.strip():
-        text = "Describe the image accurately."
+    else:
+        image = load_image(image_path)
+    settings = {"max_new_tokens": int(max_new_tokens), "temperature": temperature, "min_p": min_p,
+                "do_sample": not greedy}
+    try:
+        sampling_kwargs(num_samples=1, **settings)
+        chat = Chat(vlm, image, **settings)
+        for question, answer in turns:
+            chat.add_turn(question, answer)
+    except (SettingsError, ChatError) as err:
+        yield NOTICE + str(err)
+        raise AppRequestError(str(err)) from err
 
-    messages: list[dict] = []
-    for index, (question, answer) in enumerate(turns):
-        messages += [user_message(question, with_image=index == 0), assistant_message(answer)]
-    messages.append(user_message(text, with_image=not turns))
-    inputs = prepare_inputs(vlm, messages, load_image(image_path))
     streamer = TextIteratorStreamer(vlm.processor.tokenizer, skip_prompt=True, skip_special_tokens=True,
                                     timeout=STREAM_TIMEOUT_S)
     stop = threading.Event()
@@ -112,10 +143,8 @@ def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_
 
     def work() -> None:
         try:
-            generate_answers(vlm, inputs, stream=streamer, stopping_criteria=_stop_on(stop),
-                             max_new_tokens=int(max_new_tokens), temperature=temperature, min_p=min_p,
-                             do_sample=not greedy)
-        except BaseException as err:  # reported in the chat below; the app keeps serving
+            chat.ask(text, stream=streamer, stopping_criteria=_stop_on(stop))
+        except BaseException as err:  # reported below; the app keeps serving
             failure.append(err)
             streamer.end()
 
@@ -130,7 +159,10 @@ def respond(vlm: VisionModel, message: dict | str, history: Sequence[dict], max_
         stop.set()  # the stop button, or a closed tab, ends generation at the next token
         worker.join()
     if failure:
-        yield answer + f"\n\n{NOTICE}Generation failed: {type(failure[0]).__name__}: {failure[0]}"
+        reason = str(failure[0]) if isinstance(failure[0], (ChatError, SettingsError)) else (
+            f"{type(failure[0]).__name__}: {failure[0]}")
+        yield FAILED + reason  # a notice: the failed turn is left out of the next request's conversation
+        raise AppRequestError(f"Generation failed: {reason}") from failure[0]
 
 
 def example_messages(input_dir: Path | None = None) -> list[list[Any]]:
@@ -141,7 +173,7 @@ def example_messages(input_dir: Path | None = None) -> list[list[Any]]:
     pairs = [("receipt-1.jpeg", "Extract the receipt as JSON with the store, date, time, items and total."),
              ("calculator-1.png", "What operation is shown on the calculator, and what is the result?"),
              ("watch-face-2.jpg", "What time does the watch show?"),
-             ("image_2.jpg", "Describe the image accurately.")]
+             ("image_2.jpg", DEFAULT_INSTRUCTION)]
     return [[{"text": question, "files": [str(folder / name)]}] for name, question in pairs if (folder / name).exists()]
 
 
@@ -150,17 +182,21 @@ def build_app(vlm: VisionModel):
     import gradio as gr
 
     def chat(message, history, max_new_tokens, temperature, min_p, greedy):
-        yield from respond(vlm, message, history, max_new_tokens, temperature, min_p, greedy)
+        try:
+            yield from respond(vlm, message, history, max_new_tokens, temperature, min_p, greedy)
+        except AppRequestError as err:  # shown in the page, and sent to API clients with its message
+            raise gr.Error(str(err)) from err
 
     chat.__name__ = "respond"  # the API endpoint is named after the function: /respond
     settings = [
-        gr.Slider(16, 2048, value=512, step=16, label="max new tokens"),
-        gr.Slider(0.1, 2.0, value=1.5, step=0.05, label="temperature"),
-        gr.Slider(0.0, 0.5, value=0.1, step=0.01, label="min_p"),
+        gr.Slider(16, 2048, value=APP_MAX_NEW_TOKENS, step=16, label="max new tokens"),
+        gr.Slider(0.1, 2.0, value=DEFAULT_SETTINGS["temperature"], step=0.05, label="temperature"),
+        gr.Slider(0.0, 0.5, value=DEFAULT_SETTINGS["min_p"], step=0.01, label="min_p"),
         gr.Checkbox(value=False, label="greedy (ignores temperature and min_p)"),
     ]
     warning = " Its answers are noise: this is the tiny random test model." if vlm.is_random else ""
-    examples = [example + [512, 1.5, 0.1, False] for example in example_messages()]
+    defaults = [APP_MAX_NEW_TOKENS, DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], False]
+    examples = [example + defaults for example in example_messages()]
     return gr.ChatInterface(
         chat,
         multimodal=True,
@@ -182,7 +218,8 @@ def launch(vlm: VisionModel, *, host: str = "127.0.0.1", port: int | None = None
     """Serve the app; one generation runs at a time and the others wait in the queue."""
     demo = build_app(vlm)
     demo.queue(default_concurrency_limit=1, max_size=64)
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block)
+    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=not block,
+                max_file_size=MAX_UPLOAD)
     return demo
 
 

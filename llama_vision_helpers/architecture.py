@@ -29,12 +29,16 @@ SHAPES = {"11b": TEXT_11B, "90b": TEXT_90B}
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 
 
+class ConfigNotFound(ValueError):
+    """No Llama 3.2 Vision config for what was named (a size, a folder or a hub id)."""
+
+
 def mllama_config(size: str = "11b"):
     """The MllamaConfig of Llama 3.2 Vision 11B or 90B, as published (vision encoder shared by both)."""
     from transformers import MllamaConfig
 
     if size.lower() not in SHAPES:
-        raise ValueError(f"Unknown size {size!r}: choose 11b or 90b.")
+        raise ConfigNotFound(f"Unknown size {size!r}: choose 11b or 90b.")
     text = dict(SHAPES[size.lower()], bos_token_id=128000, eos_token_id=[128001, 128008, 128009], pad_token_id=128004)
     return MllamaConfig(vision_config=dict(VISION), text_config=text, image_token_index=128256)
 
@@ -171,7 +175,7 @@ def load_config(model: str):
     try:
         return MllamaConfig.from_pretrained(model)
     except OSError as err:
-        raise ValueError(f"No Mllama config for {model!r}: give 11b, 90b, a checkpoint folder or a reachable hub "
+        raise ConfigNotFound(f"No Mllama config for {model!r}: give 11b, 90b, a checkpoint folder or a reachable hub "
                          f"id ({str(err).splitlines()[0][:200]}).") from err
 
 

@@ -19,13 +19,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .defaults import DEFAULT_INSTRUCTION
+
 BACKENDS: dict[str, dict[str, Any]] = {
     "transformers-bf16": {"backend": "transformers", "load_in_4bit": False, "bits": 16},
     "transformers-bnb4": {"backend": "transformers", "load_in_4bit": True, "bits": 4},
     "unsloth-4bit": {"backend": "unsloth", "load_in_4bit": True, "bits": 4},
 }
 RESULT_PREFIX = "BENCH_RESULT "
-PROMPT = "Describe the image accurately."
 
 
 MODES = ("generate", "fast")
@@ -204,7 +205,7 @@ def bench_backend(model: str, name: str, *, new_tokens: int = 128, samples: tupl
         common.copy_gbs = copy_bandwidth_gbs()
         common.bandwidth_limit_tok_s = common.copy_gbs * 1e9 / decode_weight_bytes(vlm.model)
         common.matmul_floor_tok_s = 1 / matmul_floor_seconds(vlm.model)
-    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
+    inputs = prepare_inputs(vlm, [user_message(DEFAULT_INSTRUCTION, with_image=True)], benchmark_image())
 
     results = []
     for mode in modes:
@@ -420,7 +421,7 @@ def bench_spread(size: str, *, new_tokens: int = 64, repeats: int = 2, devices: 
     cuda = torch.cuda.is_available() and devices != ["cpu"]
     first_device = next(model.parameters()).device
     vlm = VisionModel(model, AutoProcessor.from_pretrained(folder), "transformers", f"random-{size}", first_device)
-    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
+    inputs = prepare_inputs(vlm, [user_message(DEFAULT_INSTRUCTION, with_image=True)], benchmark_image())
 
     def run(tokens: int) -> None:
         generate_answers(vlm, inputs, fast=False, stream=False, seed=0, max_new_tokens=tokens, min_new_tokens=tokens)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Callable, Sequence
+
+from .defaults import BACKENDS, DEFAULT_SETTINGS
 
 EXIT_BAD_INPUT = 2
 
@@ -17,25 +20,42 @@ class CliError(Exception):
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: $LLAMA_VISION_MODEL or the 11B 4-bit model)")
-    parser.add_argument("--backend", default="auto", choices=["auto", "unsloth", "transformers"])
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=1024)
-    parser.add_argument("--temperature", type=float, default=1.5)
-    parser.add_argument("--min-p", type=float, default=0.1)
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_SETTINGS["max_new_tokens"])
+    parser.add_argument("--temperature", type=float, default=DEFAULT_SETTINGS["temperature"],
+                        help="sampling temperature; 0 means greedy, as --greedy")
+    parser.add_argument("--min-p", type=float, default=DEFAULT_SETTINGS["min_p"])
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature and min-p)")
     parser.add_argument("--seed", type=int, default=None, help="make a sampled answer reproducible")
 
 
 def sampling_settings(args: argparse.Namespace) -> dict:
-    return {
+    """The generation settings from the flags, checked (SettingsError) before any model is loaded."""
+    from .generation import sampling_kwargs
+
+    settings = {
         "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature,
         "min_p": args.min_p,
-        "do_sample": not args.greedy,
-        "seed": args.seed,
+        "do_sample": not args.greedy and args.temperature != 0,
     }
+    sampling_kwargs(num_samples=1, **settings)
+    return {**settings, "seed": args.seed}
+
+
+def printable(text: str) -> str:
+    """Model text safe for a terminal: control characters (escape sequences, bells...) shown as escapes."""
+    return "".join(
+        ch if ch in "\n\t" or unicodedata.category(ch) != "Cc" else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def print_stream(chunk: str) -> None:
+    print(printable(chunk), end="", flush=True)
 
 
 def _load(args: argparse.Namespace):
@@ -45,27 +65,40 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    from .generation import DEFAULT_INSTRUCTION, describe_image
+    from .generation import describe_image
     from .images import load_image
 
+    settings = sampling_settings(args)
     image = load_image(args.image)  # check the input before spending time on the model
     vlm = _load(args)
-    describe_image(vlm, image, args.instruction or DEFAULT_INSTRUCTION, stream=True, **sampling_settings(args))
+    describe_image(vlm, image, args.instruction, stream=print_stream, **settings)
+    print()
     return 0
+
+
+def _stdin_is_open() -> bool:
+    try:
+        return sys.stdin is not None and not sys.stdin.closed and sys.stdin.fileno() >= 0
+    except (OSError, ValueError):
+        return False
 
 
 def cmd_chat(args: argparse.Namespace, read_line: Callable[[str], str] = input) -> int:
     from .generation import Chat, ChatError
+
     from .images import load_image
 
+    settings = sampling_settings(args)
+    if read_line is input and not _stdin_is_open():
+        raise CliError("chat reads your questions from standard input, which is closed; use `describe` instead")
     image = load_image(args.image)
     vlm = _load(args)
-    chat = Chat(vlm, image, stream=True, **sampling_settings(args))
+    chat = Chat(vlm, image, stream=print_stream, **settings)
     print("Ask about the image; an empty line or Ctrl-D ends the chat.", file=sys.stderr)
     while True:
         try:
             question = read_line("you> ").strip()
-        except EOFError:
+        except (EOFError, OSError, RuntimeError):  # end of input, or a stdin that went away (input() raises)
             break
         if question.lower() in ("", "exit", "quit"):
             break
@@ -74,6 +107,7 @@ def cmd_chat(args: argparse.Namespace, read_line: Callable[[str], str] = input) 
             chat.ask(question)
         except ChatError as err:
             print(f"error: {err}", file=sys.stderr)
+        print()
     return 0
 
 
@@ -159,13 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch", type=int, default=1)
     fit.set_defaults(handler=cmd_fit)
 
-    from .bench import BACKENDS
+    from .bench import BACKENDS as BENCH_BACKENDS
 
     bench = sub.add_parser("bench", help="load time, memory, time to first token and decode speed per backend")
     bench.add_argument("--model", default=None, help="hub id, folder or tiny-random")
     bench.add_argument("--random-weights", choices=["11b", "90b"], default=None,
                        help="build that architecture with random weights on the GPU (no download)")
-    bench.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=list(BACKENDS))
+    bench.add_argument("--backends", nargs="+", default=list(BENCH_BACKENDS), choices=list(BENCH_BACKENDS))
     bench.add_argument("--new-tokens", type=int, default=128)
     bench.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8, 16])
     bench.add_argument("--repeats", type=int, default=3)
@@ -187,16 +221,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `llama-vision`; returns the exit code."""
-    from .generation import ChatError
+    """Entry point of `llama-vision`; returns the exit code.
+
+    The package's own user errors are one line on stderr and exit code 2; anything else is a bug and keeps
+    its traceback.
+    """
+    from .architecture import ConfigNotFound
+    from .generation import ChatError, SettingsError
     from .images import ImageLoadError
-    from .model import ModelLoadError
+    from .model import CLI, ModelLoadError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (CliError, ImageLoadError, ModelLoadError, ChatError, ValueError, FileNotFoundError) as err:
+    except ModelLoadError as err:
+        print(f"llama-vision: error: {err.advice(CLI)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (CliError, ImageLoadError, ChatError, SettingsError, ConfigNotFound) as err:
         print(f"llama-vision: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

@@ -265,9 +265,9 @@ def run_experiment(
                 continue
             budget = STEP_BY_STEP_TOKENS if variant == "step_by_step" else MAX_NEW_TOKENS[question["kind"]]
             options = {"max_new_tokens": budget, **runs[label]}
-            samples = trials if options.get("do_sample", True) else 1
+            samples = trials if options.get("do_sample", True) else 1  # greedy answers do not vary
             answers = describe_image(vlm, folder / name, prompt, num_samples=samples,
-                                     seed=seed + 1000 * index + number, stream=False, **options)
+                                     seed=seed + 1000 * index + number, stream=False, **options)  # same per variant
             answers = [answers] if isinstance(answers, str) else answers
             for trial, raw in enumerate(answers):
                 parsed, score, error = score_answer(question, raw)

@@ -111,8 +111,8 @@ def sampling_kwargs(
     if do_sample:
         if not temperature > 0:
             raise SettingsError(
-                f"temperature must be positive when sampling, got {temperature}; use do_sample=False for greedy "
-                "decoding."
+                f"temperature must be positive when sampling, got {temperature}; for greedy decoding use "
+                "do_sample=False (on the command line: --greedy)."
             )
         if not 0 <= min_p <= 1:
             raise SettingsError(f"min_p must be between 0 and 1, got {min_p}.")
@@ -299,6 +299,11 @@ class Chat:
         if self.system:
             turns.insert(0, {"role": "system", "content": self.system})
         return turns
+
+    def add_turn(self, question: str | None, answer: str) -> None:
+        """Record a turn that already happened (a conversation restored from elsewhere), by the rules of `ask`."""
+        messages = self.messages(question)
+        self._turns.extend([messages[-1], assistant_message(answer)])
 
     def ask(self, question: str | None, image: ImageSource | None = None, **settings: Any) -> str:
         """Ask a question (optionally giving the image now, if the chat has none yet) and return the answer."""

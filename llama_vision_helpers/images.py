@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.client
 import io
 import os
+import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from pathlib import Path
@@ -13,7 +16,9 @@ from typing import Union
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, Image.Image]
-URL_TIMEOUT_S = 20
+URL_TIMEOUT_S = 20  # for the whole download, not for each read
+MAX_URL_BYTES = 50 * 1024 * 1024  # far above any photo the model needs; a URL cannot fill the memory
+_CHUNK = 64 * 1024
 
 
 class ImageLoadError(ValueError):
@@ -38,23 +43,82 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
-        import numpy as np
-
-        values = np.asarray(image, dtype=np.float64)
-        top = values.max() or 1.0
-        image = Image.fromarray((values / top * 255).round().astype("uint8"), mode="L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        image = _greyscale_to_8_bits(image)
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def _read_url(url: str, timeout: float) -> bytes:
+def _greyscale_to_8_bits(image: Image.Image) -> Image.Image:
+    """16/32-bit integer or 32-bit float greyscale to 8 bits, instead of PIL's clipping (white, or black).
+
+    Integers are scaled by their maximum. Floats within [0, 1] are intensities; other floats are stretched
+    from their minimum to their maximum. Missing values (NaN, infinities) become black.
+    """
+    import numpy as np
+
+    values = np.asarray(image, dtype=np.float64)
+    finite = np.isfinite(values)
+    values = np.where(finite, values, 0.0)
+    if image.mode == "F":
+        low, high = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 1.0)
+        if low < 0 or high > 1:
+            values = (values - low) / ((high - low) or 1.0)
+    else:
+        values = values / (values.max() or 1.0)
+    return Image.fromarray((np.clip(values, 0, 1) * 255).round().astype("uint8"), mode="L")
+
+
+def _download(url: str, timeout: float, max_bytes: int) -> bytes:
+    """The body at `url`, read in chunks; refuses one over `max_bytes` or shorter than announced."""
     request = urllib.request.Request(url, headers={"User-Agent": "llama-vision-helpers"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.read()
-    except (urllib.error.URLError, TimeoutError, OSError) as err:
-        raise ImageLoadError(f"Could not download the image at {url} within {timeout:g} s: {err}") from err
+            announced = response.headers.get("Content-Length")
+            if announced is not None and announced.isdigit() and int(announced) > max_bytes:
+                raise ImageLoadError(f"The image at {url} is {int(announced):,} bytes, over the limit of "
+                                     f"{max_bytes:,}.")
+            body = bytearray()
+            while chunk := response.read(_CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ImageLoadError(f"The image at {url} is over the limit of {max_bytes:,} bytes.")
+    except http.client.IncompleteRead as err:
+        raise ImageLoadError(f"The download of {url} was cut short ({len(err.partial):,} bytes arrived, "
+                             "fewer than announced): try again.") from err
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+        raise ImageLoadError(f"Could not download the image at {url}: {err}") from err
+    if announced is not None and announced.isdigit() and len(body) < int(announced):
+        raise ImageLoadError(f"The download of {url} was cut short ({len(body):,} of {int(announced):,} bytes): "
+                             "try again.")
+    return bytes(body)
+
+
+def _read_url(url: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
+    """Download `url` within `timeout` seconds in all (a slow server cannot stretch it read by read)."""
+    outcome: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            outcome["body"] = _download(url, timeout, max_bytes)
+        except BaseException as err:  # handed to the caller below
+            outcome["error"] = err
+
+    worker = threading.Thread(target=work, daemon=True)  # left to its own read timeout if the deadline passes
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise ImageLoadError(f"Could not download the image at {url} within {timeout:g} s.")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["body"]  # type: ignore[return-value]
+
+
+def _file_url_path(url: str) -> Path:
+    """The local path of a file:// URL (on this machine only)."""
+    parts = urllib.parse.urlparse(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ImageLoadError(f"{url} names a file on another machine ({parts.netloc}); copy it here first.")
+    return Path(urllib.request.url2pathname(parts.path))
 
 
 def _open_bytes(data: bytes, name: str) -> Image.Image:
@@ -72,11 +136,12 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
     return image
 
 
-def load_image(source: ImageSource, *, timeout: float = URL_TIMEOUT_S) -> Image.Image:
-    """Load an image from a path, an http(s) URL, bytes or a PIL image, as RGB.
+def load_image(source: ImageSource, *, timeout: float = URL_TIMEOUT_S, max_bytes: int = MAX_URL_BYTES) -> Image.Image:
+    """Load an image from a path, a file:// or http(s) URL, bytes or a PIL image, as RGB.
 
-    Raises `ImageLoadError`, naming the source, for a missing or empty file, a non-image, a failed
-    download or a decompression bomb.
+    A download must finish within `timeout` seconds and hold at most `max_bytes`. Raises `ImageLoadError`,
+    naming the source, for a missing or empty file, a non-image, a failed, cut-short, too slow or too large
+    download, or a decompression bomb.
     """
     name = describe_source(source)
     if isinstance(source, Image.Image):
@@ -86,13 +151,14 @@ def load_image(source: ImageSource, *, timeout: float = URL_TIMEOUT_S) -> Image.
     if isinstance(source, (str, os.PathLike)):
         text = str(source)
         if text.startswith(("http://", "https://")):
-            return to_rgb(_open_bytes(_read_url(text, timeout), text))
-        path = Path(text).expanduser()
+            return to_rgb(_open_bytes(_read_url(text, timeout, max_bytes), text))
+        path = _file_url_path(text) if text.startswith("file:") else Path(text).expanduser()
         if not path.exists():
             raise ImageLoadError(f"No such image file: {path}")
         if path.is_dir():
             raise ImageLoadError(f"{path} is a folder, not an image file.")
         return to_rgb(_open_bytes(path.read_bytes(), str(path)))
     raise ImageLoadError(
-        f"Cannot load an image from a {type(source).__name__}: pass a path, an http(s) URL, bytes or a PIL image."
+        f"Cannot load an image from a {type(source).__name__}: pass a path, a file:// or http(s) URL, bytes or a "
+        "PIL image."
     )

@@ -17,7 +17,7 @@ a source printed because it decoded with special tokens is not part of the answe
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import parsing
@@ -98,7 +98,7 @@ class PublishedAnswer:
     finished: bool
     chat_template: bool = True
     history: tuple[dict, ...] = ()
-    our_input: str | None = None
+    our_input: str | None = None  # the input/ image our notebooks ask the same kind of question about
     notes: str = ""
 
     @property
@@ -267,8 +267,8 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
             "Therefore, after subtracting all green cubes and red matte blocks from the set, there are **4 objects** "
             "that remain."
         ),
-        picture=("a rendered scene of coloured geometric objects (cubes, spheres, cylinders; matte and shiny), "
-                 "from the MMMU data set as the source credits it"),
+        picture=("a rendered scene of coloured cubes, spheres and cylinders, from the MMMU data set as the source "
+                 "credits it"),
         task="shapes",
         question={"kind": "number", "answer": 4},
         reads_as=4,
@@ -293,7 +293,8 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
             "150 (students who ride in a car) - 50 (students who walk) = 100\n\n"
             "Therefore, approximately **100 more students ride in a car than walk**."
         ),
-        picture="a bar chart of how students get to school, from the MMMU data set (Math) as the source credits it",
+        picture=("a bar chart counting students by how they travel (the question asks about car and walk), from the "
+                 "MMMU data set (Math) as the source credits it"),
         task="charts",
         question={"kind": "number", "answer": None},
         reads_as=100,
@@ -375,7 +376,8 @@ ANSWERS: tuple[PublishedAnswer, ...] = (
             "date and the due date is 15 days. (26-11=15) *Answer*: 15 days. *Answer*: 15 days. *Answer*: 15 days. "
             "*Answer*: 15 days. *Answer*: 15 days. *Answer*: 15 days. *Answer*: 15 days. *Answer*:"
         ),
-        picture="an invoice image from the Hugging Face documentation assets",
+        picture=("an invoice with an invoice date and a due date (the source loads invoice.png from the Hugging "
+                 "Face data set huggingface/release-assets)"),
         task="invoice",
         question={"kind": "number", "answer": 15},
         reads_as=15,

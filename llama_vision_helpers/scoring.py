@@ -55,25 +55,22 @@ def _mentions(text: str, names: list[str]) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def find_choice(text: str, options: list[str]) -> str:
-    """The option the answer settles on, read as a careful grader reads it.
+def _chosen_options(text: str, options: list[str]) -> list[str]:
+    """The options `text` names, in order, less those it rules out ('not division', 'rather than addition')."""
+    return [option for at, option in _mentions(text, options) if not _NEGATED.search(text[max(0, at - 20):at])]
 
-    A bold option wins; else the first option named after the last conclusion cue ('so', 'therefore', 'the
-    answer', ...); else the first option named. Options the answer rules out ('not division') do not count,
-    so an answer may name the other option first and conclude with the right one.
-    """
-    mentions = [(at, option) for at, option in _mentions(text, options) if not _NEGATED.search(text[max(0, at - 20):at])]
-    if not mentions:
+
+def find_choice(text: str, options: list[str]) -> str:
+    """The option the answer settles on, read as a careful grader reads it (`parsing.read_conclusion`: the first
+    option named after the last conclusion cue, a bold one first, else the last bold option), else the first
+    option named. Options the answer rules out ('not division') do not count, so an answer may name the other
+    option first and conclude with the right one."""
+    chosen = parsing.read_conclusion(text, lambda part: next(iter(_chosen_options(part, options)), None))
+    if chosen is None:
+        chosen = next(iter(_chosen_options(text, options)), None)
+    if chosen is None:
         raise parsing.ParseError("choice", text, f"none of {options}")
-    for bold in reversed(parsing.answer_bolds(text)):
-        named = _mentions(bold, options)
-        if named:
-            return named[0][1]
-    for cue in reversed(list(parsing.CONCLUSION_CUES.finditer(text))):
-        after = [option for at, option in mentions if at >= cue.end()]
-        if after:
-            return after[0]
-    return mentions[0][1]
+    return chosen
 
 
 def _first_mention_order(text: str, names: list[str]) -> list[str]:

@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from llama_vision_helpers import app as app_module
-from llama_vision_helpers.app import NEED_IMAGE, NOTICE, ONE_IMAGE, content_parts, conversation, respond
 from llama_vision_helpers import Chat
+from llama_vision_helpers.app import (
+    NEED_IMAGE, NOTICE, ONE_IMAGE, AppRequestError, content_parts, conversation, not_an_image, respond,
+)
+from llama_vision_helpers.defaults import DEFAULT_INSTRUCTION, DEFAULT_SETTINGS
 from llama_vision_helpers.generation import generate_answers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +32,13 @@ def last(generator):
     return value
 
 
-def greedy_chat(vlm, image):
+def greedy_chat_with(vlm, image, max_new_tokens):
     """The library's own Chat with the app's greedy settings: what the app must answer, turn by turn."""
-    return Chat(vlm, image, stream=False, do_sample=False, max_new_tokens=GREEDY["max_new_tokens"])
+    return Chat(vlm, image, stream=False, do_sample=False, max_new_tokens=max_new_tokens)
+
+
+def greedy_chat(vlm, image):
+    return greedy_chat_with(vlm, image, GREEDY["max_new_tokens"])
 
 
 def test_importing_the_package_does_not_import_gradio():
@@ -58,11 +65,54 @@ def test_second_image_is_refused(vlm):
     assert list(respond(vlm, message, history)) == [ONE_IMAGE]
 
 
-def test_a_file_that_is_not_an_image_is_refused(vlm, tmp_path):
-    notes = tmp_path / "notes.txt"
+def test_a_file_that_is_not_an_image_is_refused_without_showing_server_paths(vlm, tmp_path):
+    notes = tmp_path / "gradio-tmp" / "notes.png"
+    notes.parent.mkdir()
     notes.write_text("not a picture")
     reply = list(respond(vlm, {"text": "Read this", "files": [str(notes)]}, []))
-    assert len(reply) == 1 and reply[0].startswith(NOTICE) and "notes.txt" in reply[0]
+    assert len(reply) == 1 and reply[0].startswith(NOTICE) and "notes.png" in reply[0]
+    assert str(tmp_path) not in reply[0] and "gradio-tmp" not in reply[0]
+
+
+def test_a_refused_upload_does_not_leave_the_chat_stuck(vlm, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    history = [{"role": "user", "content": [{"path": str(notes)}, "Read this"]},
+               {"role": "assistant", "content": not_an_image(str(notes))}]
+    assert list(respond(vlm, {"text": "And now?", "files": []}, history, **GREEDY)) == [NEED_IMAGE]
+    image = str(INPUT / "image_2.jpg")
+    answer = last(respond(vlm, {"text": "Describe it.", "files": [image]}, history, **GREEDY))
+    assert answer == greedy_chat(vlm, image).ask("Describe it.")
+
+
+def test_an_image_without_text_asks_the_default_question_and_follow_ups_remember_it(vlm):
+    image = str(INPUT / "image_2.jpg")
+    first = last(respond(vlm, {"text": "", "files": [image]}, [], **GREEDY))
+    chat = greedy_chat(vlm, image)
+    assert first == chat.ask(DEFAULT_INSTRUCTION)
+    history = [{"role": "user", "content": [{"path": image}]}, {"role": "assistant", "content": first}]
+    second = last(respond(vlm, {"text": "What colour is it?", "files": []}, history, **GREEDY))
+    assert second == chat.ask("What colour is it?")
+
+
+def test_bad_settings_and_failures_raise_with_their_message_after_a_notice(vlm, monkeypatch):
+    image = str(INPUT / "image_2.jpg")
+    replies = []
+    with pytest.raises(AppRequestError, match="min_p must be between 0 and 1"):
+        for reply in respond(vlm, {"text": "Hi", "files": [image]}, [], max_new_tokens=4, min_p=3.0):
+            replies.append(reply)
+    assert replies and replies[-1].startswith(NOTICE)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the accelerator fell over")
+
+    monkeypatch.setattr("llama_vision_helpers.generation.generate_answers", broken)
+    replies = []
+    with pytest.raises(AppRequestError, match="the accelerator fell over"):
+        for reply in respond(vlm, {"text": "Hi", "files": [image]}, [], **GREEDY):
+            replies.append(reply)
+    history = [{"role": "user", "content": [{"path": image}, "Hi"]}, {"role": "assistant", "content": replies[-1]}]
+    assert conversation(history) == (None, [])  # the failed turn is not part of the conversation
 
 
 def test_answers_stream_and_follow_ups_keep_the_image(vlm):
@@ -82,6 +132,15 @@ def test_answers_stream_and_follow_ups_keep_the_image(vlm):
     assert second == chat.ask("What colour is it?")
 
 
+def test_the_settings_reach_generate_unchanged(vlm, monkeypatch):
+    calls = []
+    original = vlm.model.generate
+    monkeypatch.setattr(vlm.model, "generate", lambda *a, **k: calls.append(k) or original(*a, **k))
+    last(respond(vlm, {"text": "Hi", "files": [str(INPUT / "image_2.jpg")]}, [], max_new_tokens=3,
+                 temperature=0.45, min_p=0.2))
+    assert (calls[0]["temperature"], calls[0]["min_p"], calls[0]["max_new_tokens"]) == (0.45, 0.2, 3)
+
+
 def test_stopping_ends_generation_early(vlm, monkeypatch):
     produced = []
 
@@ -89,7 +148,7 @@ def test_stopping_ends_generation_early(vlm, monkeypatch):
         produced.extend(generate_answers(*args, **kwargs))
         return produced
 
-    monkeypatch.setattr(app_module, "generate_answers", recording)
+    monkeypatch.setattr("llama_vision_helpers.generation.generate_answers", recording)
     stream = respond(vlm, {"text": "Describe it.", "files": [str(INPUT / "image_3.jpg")]}, [],
                      max_new_tokens=2000, greedy=True)
     next(stream)
@@ -118,7 +177,7 @@ def test_four_clients_at_once_each_get_their_own_conversation(vlm, server):
     def converse(job):
         name, question = job
         client = Client(server, verbose=False)
-        settings = (GREEDY["max_new_tokens"], 1.5, 0.1, True)
+        settings = (GREEDY["max_new_tokens"], DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], True)
         first = client.predict({"text": question, "files": [handle_file(str(INPUT / name))]}, *settings,
                                api_name="/respond")
         follow_up = client.predict({"text": "Tell me more.", "files": []}, *settings, api_name="/respond")
@@ -132,17 +191,50 @@ def test_four_clients_at_once_each_get_their_own_conversation(vlm, server):
         assert follow_up == chat.ask("Tell me more.")
 
 
+def test_api_clients_see_the_error_message(server):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    message = {"text": "Describe it. " * 5000, "files": [handle_file(str(INPUT / "image_2.jpg"))]}
+    with pytest.raises(Exception, match="model's context of"):
+        client.predict(message, 16, DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], True,
+                       api_name="/respond")
+
+
+def test_uploads_over_the_size_limit_are_refused(server, tmp_path):
+    import httpx
+
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * (21 * 1024 * 1024))
+    with big.open("rb") as handle:
+        response = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.png", handle, "image/png")},
+                              timeout=60)
+    assert response.status_code == 413
+    small = httpx.post(f"{server}gradio_api/upload", files={"files": ("a.png", (INPUT / "image_2.jpg").read_bytes(),
+                                                                       "image/png")}, timeout=60)
+    assert small.status_code == 200
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.mark.browser
-def test_the_app_in_a_real_browser(server):
+def test_the_app_in_a_real_browser(vlm, server, monkeypatch):
+    """Greedy settings chosen in the page reach generation, the answer streams into the page, follow-ups work."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("LLAMA_VISION_REQUIRE_BROWSER"):
             pytest.fail("chromium is not installed: `apt-get install chromium` (make test does this)")
         pytest.skip("chromium is not installed")
     from playwright.sync_api import expect, sync_playwright
 
+    calls = []
+
+    def recording(*args, **kwargs):  # the server runs in this process: see what reaches generation
+        answers = generate_answers(*args, **kwargs)
+        calls.append((kwargs, answers))
+        return answers
+
+    monkeypatch.setattr("llama_vision_helpers.generation.generate_answers", recording)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--no-first-run", "--disable-sync"]
@@ -157,7 +249,10 @@ def test_the_app_in_a_real_browser(server):
         box.fill("What is in the picture?")
         box.press("Enter")
         expect(bot.first).to_contain_text("Please upload an image first", timeout=30_000)
+        assert calls == []
 
+        page.get_by_text("Generation settings").click()
+        page.get_by_label("greedy (ignores temperature and min_p)").check()
         # the textbox takes files again once the previous turn has finished; the thumbnail shows the upload is done
         expect(box).to_be_editable(timeout=30_000)
         thumbnail = page.locator('[aria-label="Uploaded files"] img')
@@ -169,24 +264,40 @@ def test_the_app_in_a_real_browser(server):
             except AssertionError:
                 if attempt:
                     raise
+        # every change of the answer's text in the page, however quickly the updates come
+        page.evaluate("""() => {
+            window.answerLengths = [];
+            new MutationObserver(() => {
+                const bots = document.querySelectorAll('[data-testid="bot"]');
+                if (bots.length >= 2) window.answerLengths.push(bots[bots.length - 1].innerText.length);
+            }).observe(document.body, {subtree: true, childList: true, characterData: true});
+        }""")
         box.fill("Describe it.")
         box.press("Enter")
         expect(bot).to_have_count(2, timeout=30_000)
-        lengths = []
-        for _ in range(200):  # watch the answer grow until it settles
-            lengths.append(len(bot.last.inner_text()))
-            if len(lengths) > 10 and len(set(lengths[-8:])) == 1 and lengths[-1] > 0:
+        page.wait_for_function("() => window.answerLengths.length > 0", timeout=30_000)
+        for _ in range(600):
+            if calls:
                 break
             time.sleep(0.1)
-        growing = sorted(set(lengths))
-        assert lengths[-1] > 0 and len(growing) >= 3, f"the answer did not stream: {lengths}"
+        settings, answers = calls[0]
+        assert settings["do_sample"] is False and settings["max_new_tokens"] == 512
+        assert answers == [greedy_chat_with(vlm, INPUT / "image_2.jpg", 512).ask("Describe it.")]
+        expect(bot.last).not_to_have_text("", timeout=30_000)
+        page.wait_for_timeout(1000)
+        lengths = page.evaluate("() => window.answerLengths")
+        assert len({n for n in lengths if n > 0}) >= 3, f"the answer did not stream into the page: {lengths}"
 
         box.fill("And what colour is it?")
         box.press("Enter")
         expect(bot).to_have_count(3, timeout=30_000)
+        for _ in range(600):
+            if len(calls) == 2:
+                break
+            time.sleep(0.1)
+        assert calls[1][0]["do_sample"] is False
         expect(bot.last).not_to_contain_text("Please upload", timeout=30_000)
         expect(bot.last).not_to_have_text("", timeout=30_000)
-        time.sleep(2)
         shot = ARTIFACTS / "app.png"
         page.screenshot(path=str(shot), full_page=False)
         browser.close()

@@ -1,4 +1,5 @@
-"""The figure summary that notebooks print under deterministic figures tells pictures apart."""
+"""The notebooks' pictures: what is drawn is the images themselves, and the text summary that notebooks print
+under deterministic figures tells pictures apart (nbval does not compare images)."""
 
 import matplotlib
 
@@ -45,3 +46,22 @@ def test_a_published_answer_is_printed_whole_with_its_source_and_both_grades(cap
     assert answer.citation in shown and answer.prompt in shown
     assert " ".join(answer.answer.split()) in " ".join(shown.split())
     assert f"our verdict: {grade_published(answer).verdict}; a person's grade: {answer.grade}" in shown
+
+
+def test_show_images_draws_each_image_with_its_title(monkeypatch, tmp_path):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda *a, **k: shown.append(plt.gcf()))
+    red, blue = Image.new("RGB", (40, 30), (220, 30, 30)), Image.new("RGB", (30, 40), (20, 40, 230))
+    path = tmp_path / "blue.png"
+    blue.save(path)
+    show_images([red, path], titles=None, columns=3)
+    figure = shown[0]
+    drawn = [ax for ax in figure.axes if ax.get_images()]
+    assert len(drawn) == 2 and drawn[1].get_title() == "blue.png"
+    for ax, original in zip(drawn, (red, blue)):
+        assert np.array_equal(np.asarray(ax.get_images()[0].get_array()), np.asarray(original))
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].reshape(-1, 3)
+    for colour in ((220, 30, 30), (20, 40, 230)):  # on the rendered canvas, not only in the data
+        assert (np.abs(pixels.astype(int) - colour).sum(axis=1) < 12).sum() > 500
+    plt.close(figure)

@@ -50,14 +50,7 @@ def test_stream_callback_receives_the_answer_in_chunks(vlm, photo, capsys):
 
 
 def test_num_samples_come_from_one_generate_call(vlm, photo, monkeypatch):
-    calls = []
-    original = vlm.model.generate
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(vlm.model, "generate", spy)
+    calls = _spy_generate(vlm, monkeypatch)
     answers = describe_image(vlm, photo, num_samples=4, seed=0, **SHORT)
     assert len(calls) == 1 and calls[0]["num_return_sequences"] == 4
     assert isinstance(answers, list) and len(answers) == 4 and all(isinstance(a, str) for a in answers)

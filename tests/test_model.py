@@ -32,6 +32,18 @@ def test_tiny_checkpoint_is_small_deterministic_and_tiles_like_the_real_one(tmp_
     assert processor_config["size"] == {"height": TILE_SIZE, "width": TILE_SIZE}
 
 
+def test_tiny_tokenizer_adds_begin_of_text_like_llamas(vlm):
+    tokenizer = vlm.processor.tokenizer
+    assert tokenizer("a cat")["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.bos_token_id not in tokenizer("a cat", add_special_tokens=False)["input_ids"]
+
+
+def test_building_the_tiny_checkpoint_draws_no_progress_bar(tmp_path, capfd):
+    build_tiny_checkpoint(tmp_path / "quiet")  # a stale cache is rebuilt inside whichever notebook cell loads it
+    captured = capfd.readouterr()
+    assert "%|" not in captured.err + captured.out
+
+
 def test_processor_splits_a_wide_image_into_several_tiles(vlm, photo):
     features = vlm.processor.image_processor(photo, return_tensors="pt")
     assert features["pixel_values"].shape[-3:] == (3, TILE_SIZE, TILE_SIZE)

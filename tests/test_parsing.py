@@ -129,3 +129,13 @@ WORKED_NUMBER_CASES = [
 @pytest.mark.parametrize("text,expected", WORKED_NUMBER_CASES)
 def test_parse_number_reads_the_conclusion_of_a_worked_answer(text, expected):
     assert parse_number(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("**Step 1: Read the hour hand**\nIt points just past 3, so we start from 3:00.\n\n**Step 2: Read the minute "
+     "hand**\nIt points at 47 minutes.\n\nTherefore, the time is **3:47**.", (3, 47)),
+    ("* Hour hand: between 10 and 11\n* Minute hand: on the 2\n\nThe watch shows **10:10**.", (10, 10)),
+    ("The time is 22:27. *Answer*: 22:27. *Answer*: 22:27. *Answer*:", (22, 27)),
+])
+def test_parse_clock_time_reads_the_conclusion_of_a_worked_answer(text, expected):
+    assert tuple(parse_clock_time(text)) == expected

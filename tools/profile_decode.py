@@ -9,7 +9,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from llama_vision_helpers.bench import PROMPT, benchmark_image, median_time, random_weights_checkpoint
+from llama_vision_helpers.bench import benchmark_image, median_time, random_weights_checkpoint
+from llama_vision_helpers.defaults import DEFAULT_INSTRUCTION
 from llama_vision_helpers.fast_decode import FastDecoder
 from llama_vision_helpers.generation import prepare_inputs, user_message
 from llama_vision_helpers.model import load_model
@@ -29,7 +30,7 @@ def kind(name: str) -> str:
 def profile_backend(path: str, variant: str) -> None:
     vlm = load_model(path, backend="transformers", load_in_4bit=variant == "bnb4",
                      dtype=torch.bfloat16 if variant == "bf16" else None)
-    inputs = prepare_inputs(vlm, [user_message(PROMPT, with_image=True)], benchmark_image())
+    inputs = prepare_inputs(vlm, [user_message(DEFAULT_INSTRUCTION, with_image=True)], benchmark_image())
     prompt = inputs["input_ids"].shape[1]
     token = torch.tensor([5], device=vlm.device)
     for use_graph in (True, False):
