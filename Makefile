@@ -7,7 +7,8 @@ TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-NOTEBOOKS := $(wildcard notebooks/*.ipynb)
+NOTEBOOKS := $(wildcard notebooks/*.ipynb notebooks/solutions/*.ipynb)
+# `pytest notebooks` collects the exercise solutions in notebooks/solutions/ too.
 # The test suite runs on the tiny random checkpoint, offline, with two trials per experiment.
 TEST_ENV := LLAMA_VISION_MODEL=tiny-random LLAMA_VISION_TRIALS=2 HF_HUB_OFFLINE=1 LLAMA_VISION_REQUIRE_BROWSER=1 \
 	GRADIO_ANALYTICS_ENABLED=False
@@ -43,8 +44,9 @@ notebooks-run: setup
 # Jupyter refuses to run as root unless told to (containers, workshop machines)
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
+# Served from the repository root (input/, README.md and docs/ in reach), with the first notebook open.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/ $(LAB_ARGS)
+	$(VENV)/bin/jupyter lab --ServerApp.root_dir=. notebooks/00_architecture.ipynb $(LAB_ARGS)
 
 app: setup
 	$(PY) app.py $(APP_ARGS)

@@ -6,7 +6,7 @@ Every parser raises `ParseError` when it finds nothing; the error keeps the raw 
 from __future__ import annotations
 
 import re
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 
 class ParseError(ValueError):
@@ -17,6 +17,45 @@ class ParseError(ValueError):
         self.raw_text = raw_text
         preview = raw_text.strip().replace("\n", " ")[:80]
         super().__init__(f"no {kind} found{': ' + reason if reason else ''} in {preview!r}")
+
+
+# --- the conclusion of a worked answer ------------------------------------------------------------
+
+_BOLD = re.compile(r"\*\*([^*]+)\*\*")
+# A bold line that names a step or a section ("**Step 3: Subtract ...**", "**Company A:**") is a heading, not
+# the answer.
+_HEADING = re.compile(r"^\s*(?:step|part|stage|phase)\b|:\s*$", re.I)
+# Words that introduce the conclusion of a worked answer.
+CONCLUSION_CUES = re.compile(
+    r"=|\bequals\b|\banswer\b|\bresult\b|\bfinal\b|\btherefore\b|\bthus\b|\bhence\b|\bso\b"
+    r"|\bin conclusion\b|\bin total\b|\bin summary\b",
+    re.I,
+)
+T = TypeVar("T")
+
+
+def answer_bolds(text: str) -> list[str]:
+    """The bold spans of `text` that are not headings, in order."""
+    return [bold for bold in _BOLD.findall(text) if not _HEADING.search(bold)]
+
+
+def read_conclusion(text: str, find: Callable[[str], T | None]) -> T | None:
+    """What `find` reads where a careful grader looks for the answer of a worked answer (steps, lists, repeats).
+
+    In order: after the last conclusion cue where `find` reads something ('=', 'answer', 'therefore', 'so', ...),
+    a bold answer there first; else the last bold span that is not a step heading. None when neither has one.
+    """
+    for cue in reversed(list(CONCLUSION_CUES.finditer(text))):
+        segment = text[cue.end():]
+        for part in [*answer_bolds(segment), segment]:
+            value = find(part)
+            if value is not None:
+                return value
+    for bold in reversed(answer_bolds(text)):
+        value = find(bold)
+        if value is not None:
+            return value
+    return None
 
 
 # --- JSON -----------------------------------------------------------------------------------------
@@ -166,7 +205,19 @@ def _apply_meridiem(hour: int, meridiem: str | None) -> int:
 
 
 def parse_clock_time(text: str) -> ClockTime:
-    """Read a time of day from text: '10:10', '10:10 PM', '14:05', 'ten past ten', 'quarter to three', 'noon'."""
+    """Read a time of day from text: '10:10', '10:10 PM', '14:05', 'ten past ten', 'quarter to three', 'noon'.
+
+    A worked answer is read at its conclusion (`read_conclusion`), else the first time in the text counts.
+    """
+    time = read_conclusion(text, _first_clock_time)
+    if time is None:
+        time = _first_clock_time(text)
+    if time is None:
+        raise ParseError("clock time", text)
+    return time
+
+
+def _first_clock_time(text: str) -> ClockTime | None:
     match = _HHMM.search(text)
     if match:
         return ClockTime(_apply_meridiem(int(match.group(1)), match.group(3)), int(match.group(2)))
@@ -192,14 +243,12 @@ def parse_clock_time(text: str) -> ClockTime:
     match = _HOUR_AMPM.search(text)
     if match and 1 <= int(match.group(1)) <= 12:
         return ClockTime(_apply_meridiem(int(match.group(1)), match.group(2)), 0)
-    raise ParseError("clock time", text)
+    return None
 
 
 # --- numbers --------------------------------------------------------------------------------------
 
 _NUMBER = re.compile(r"(?<![\w.])[-−–]?\s?[$€£]?\s?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|(?<![\w.])[-−–]?\s?[$€£]?\s?\d+(?:\.\d+)?")
-_BOLD = re.compile(r"\*\*([^*]+)\*\*")
-_CUES = re.compile(r"=|\bequals\b|\banswer\b|\bresult\b|\bfinal\b", re.I)
 
 
 def _numbers_in(text: str) -> list[float]:
@@ -210,18 +259,18 @@ def _numbers_in(text: str) -> list[float]:
     return values
 
 
+def _first_number(segment: str) -> float | None:
+    numbers = _numbers_in(segment)
+    return numbers[0] if numbers else None
+
+
 def parse_number(text: str) -> float:
-    """The answer number in text: a bolded number, else the first number after the last '=' or cue word
-    ('answer', 'result', 'final'), else the last number. Handles 1,234.5, $3.49, -7, 42% and 'twelve'."""
-    for bold in reversed(_BOLD.findall(text)):
-        numbers = _numbers_in(bold)
-        if numbers:
-            return numbers[0]
-    cues = list(_CUES.finditer(text))
-    for cue in reversed(cues):
-        numbers = _numbers_in(text[cue.end():])
-        if numbers:
-            return numbers[0]
+    """The answer number in text, read as a careful grader reads a worked answer (`read_conclusion`: the first
+    number after the last conclusion cue, a bold one first, else the last bold number that is not a step heading),
+    else the last number, else the last number word. Handles 1,234.5, $3.49, -7, 42% and 'twelve'."""
+    number = read_conclusion(text, _first_number)
+    if number is not None:
+        return number
     numbers = _numbers_in(text)
     if numbers:
         return numbers[-1]

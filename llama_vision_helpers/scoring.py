@@ -44,28 +44,58 @@ def score_choice(predicted: str, truth: str) -> Score:
     return Score(float(correct), correct)
 
 
+_NEGATED = re.compile(r"(?:\bnot|\bno|n't|\brather than|\binstead of|\bnor)\s+(?:an?\s+|the\s+)?$", re.I)
+_SORT_CUES = re.compile(r"\bsort|\bdescending\b|\bhighest to (?:the )?lowest\b|\blargest to (?:the )?smallest\b"
+                        r"|\brank|\border\b", re.I)
+
+
+def _mentions(text: str, names: list[str]) -> list[tuple[int, str]]:
+    """(position, name) of every mention of every name, in text order."""
+    found = [(m.start(), name) for name in names for m in re.finditer(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.I)]
+    return sorted(found)
+
+
+def _chosen_options(text: str, options: list[str]) -> list[str]:
+    """The options `text` names, in order, less those it rules out ('not division', 'rather than addition')."""
+    return [option for at, option in _mentions(text, options) if not _NEGATED.search(text[max(0, at - 20):at])]
+
+
 def find_choice(text: str, options: list[str]) -> str:
-    """The option the answer names; when it names several, the first one mentioned."""
-    positions = []
-    for option in options:
-        match = re.search(rf"(?<!\w){re.escape(option)}(?!\w)", text, re.I)
-        if match:
-            positions.append((match.start(), option))
-    if not positions:
+    """The option the answer settles on, read as a careful grader reads it (`parsing.read_conclusion`: the first
+    option named after the last conclusion cue, a bold one first, else the last bold option), else the first
+    option named. Options the answer rules out ('not division') do not count, so an answer may name the other
+    option first and conclude with the right one."""
+    chosen = parsing.read_conclusion(text, lambda part: next(iter(_chosen_options(part, options)), None))
+    if chosen is None:
+        chosen = next(iter(_chosen_options(text, options)), None)
+    if chosen is None:
         raise parsing.ParseError("choice", text, f"none of {options}")
-    return min(positions)[1]
+    return chosen
+
+
+def _first_mention_order(text: str, names: list[str]) -> list[str]:
+    order: list[str] = []
+    for _, name in _mentions(text, names):
+        if name not in order:
+            order.append(name)
+    return order
 
 
 def find_order(text: str, names: list[str]) -> list[str]:
-    """The names in the order the answer first mentions them (names it leaves out are left out)."""
-    found = []
-    for name in names:
-        match = re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.I)
-        if match:
-            found.append((match.start(), name))
-    if len(found) < 2:
+    """The names in the order of the answer's final list (names it leaves out are left out).
+
+    Real answers often list the items as they appear (chart order) before sorting them: the list read is the one
+    after the last sorting cue ('sorted', 'descending', 'ranking', 'order', ...) that names as many of the
+    names as the whole answer does; without such a cue, the order of first mention.
+    """
+    whole = _first_mention_order(text, names)
+    if len(whole) < 2:
         raise parsing.ParseError("ordered list", text, "fewer than two of the names")
-    return [name for _, name in sorted(found)]
+    for cue in reversed(list(_SORT_CUES.finditer(text))):
+        final = _first_mention_order(text[cue.start():], names)
+        if len(final) == len(whole):
+            return final
+    return whole
 
 
 def score_order(predicted: list[str], truth: list[str]) -> Score:
@@ -115,12 +145,47 @@ def normalize_latex(source: str) -> str:
     return re.sub(r"\s+", "", text)
 
 
+# matplotlib's mathtext has no environments: matrices are typeset as columns of stacked cells between delimiters.
+_MATRIX = re.compile(r"\\begin\{(matrix|pmatrix|bmatrix|Bmatrix|vmatrix|Vmatrix|cases)\}((?:(?!\\begin\{).)*?)\\end\{\1\}",
+                     re.DOTALL)
+_MATRIX_DELIMITERS = {"matrix": None, "pmatrix": ("(", ")"), "bmatrix": ("[", "]"), "Bmatrix": ("\\{", "\\}"),
+                      "vmatrix": ("|", "|"), "Vmatrix": ("\\Vert", "\\Vert"), "cases": ("\\{", ".")}
+
+
+def _stack(cells: list[str]) -> str:
+    """Cells one above the other, as mathtext can typeset them (nested \\genfrac without a rule)."""
+    if len(cells) == 1:
+        return cells[0]
+    return "\\genfrac{}{}{0}{}{" + cells[0] + "}{" + _stack(cells[1:]) + "}"
+
+
+def _matrix_to_mathtext(match: re.Match) -> str:
+    environment, body = match.group(1), match.group(2)
+    rows = [[cell.strip() for cell in row.split("&")] for row in re.split(r"\\\\", body) if row.strip()]
+    if not rows:
+        return "{}"
+    width = max(len(row) for row in rows)
+    columns = [_stack([row[i] if i < len(row) else "" for row in rows]) for i in range(width)]
+    inner = "\\quad".join(columns)
+    delimiters = _MATRIX_DELIMITERS[environment]
+    return f"\\left{delimiters[0]}{inner}\\right{delimiters[1]}" if delimiters else inner
+
+
+def to_mathtext(source: str) -> str:
+    """The formula in the subset of LaTeX that matplotlib's mathtext typesets: matrix and cases environments
+    become stacked columns between their delimiters; everything else is left as written."""
+    previous = None
+    while previous != source:  # innermost environments first, so nested matrices work too
+        previous, source = source, _MATRIX.sub(_matrix_to_mathtext, source, count=1)
+    return source
+
+
 def latex_renders(source: str) -> bool:
-    """Whether matplotlib's mathtext can typeset the formula."""
+    """Whether the formula typesets: matplotlib's mathtext parses it (after `to_mathtext`)."""
     from matplotlib.mathtext import MathTextParser
 
     try:
-        MathTextParser("path").parse(f"${source}$")
+        MathTextParser("path").parse(f"${to_mathtext(source)}$")
         return True
     except Exception:  # mathtext raises ValueError and pyparsing errors for bad input
         return False

@@ -20,7 +20,7 @@ TILE_SIZE = 56
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 BPE_VOCAB_SIZE = 512
-BUILD_VERSION = 2  # bump when the recipe changes so cached copies are rebuilt
+BUILD_VERSION = 4  # bump when the recipe changes so cached copies are rebuilt
 
 _CORPUS = """
 Describe the image accurately. The photo shows a cat sitting on a wooden table next to a window.
@@ -34,20 +34,36 @@ What time does the watch show? The time is 10:10. It is ten past ten, quarter to
 How many more people ride a car than walk? Sort the companies by revenue. The invoice is due in 30 days.
 Count the red circles and the blue squares, then subtract. There are 4 shapes left. The chart shows 42%.
 The quick brown fox jumps over the lazy dog. 0123456789 one two three four five six seven eight nine ten.
+Please provide a caption for the image. Help me understand the revenue shown in this chart and sort the items.
+Please walk through your reasoning step by step to arrive at the solution. **Step 1: Identify the number.**
+Therefore, the answer is **36**. The invoice date and the due date are 30 days apart. Company A and Company B.
 """
 
 
+# Every character the tiny model can write: printable ASCII, the line break, and the few other characters our
+# prompts and inputs use. Tokens are made only of whole characters from this set, so whatever the random weights
+# pick, the text reads (as noise) with no broken characters (U+FFFD) and no control characters.
+TEXT_ALPHABET = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n" + "×÷−–—’‘“”•°€£é"
+UNKNOWN_TOKEN = "<|unknown|>"  # stands for any other character in a prompt; decoded as nothing
+# Words with the space before them, runs of digits one at a time, punctuation runs, line breaks (GPT-2's split).
+_PRE_TOKENIZE = r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\n+| +"
+
+
 def _build_tokenizer(path: Path) -> None:
-    """A byte-level BPE tokenizer trained on a fixed corpus, with Llama 3.2's special tokens after it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A BPE tokenizer over whole printable characters (TEXT_ALPHABET) trained on a fixed corpus, with Llama
+    3.2's special tokens after it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer = Tokenizer(models.BPE(unk_token=UNKNOWN_TOKEN))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(_PRE_TOKENIZE), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # tokens are literal text: decoding joins them as they are
     trainer = trainers.BpeTrainer(
         vocab_size=BPE_VOCAB_SIZE,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=list(TEXT_ALPHABET),
+        limit_alphabet=len(TEXT_ALPHABET),
+        special_tokens=[UNKNOWN_TOKEN],
         show_progress=False,
     )
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)

@@ -1,4 +1,5 @@
-"""The committed notebooks are clean: model cells without outputs, counts in order, no stray metadata."""
+"""The committed notebooks are clean: model cells without outputs, counts in order, no stray metadata; each ends
+with exercises whose worked solutions are notebooks too."""
 
 import json
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+SOLUTIONS = sorted((ROOT / "notebooks" / "solutions").glob("*.ipynb"))
 
 
 def test_the_series_is_there():
@@ -18,7 +20,7 @@ def test_the_series_is_there():
 
 
 def test_notebooks_are_clean():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "nbtool.py"), "check", *map(str, NOTEBOOKS)],
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "nbtool.py"), "check", *map(str, NOTEBOOKS + SOLUTIONS)],
                             capture_output=True, text=True)
     assert result.returncode == 0, f"run `make notebooks-clean`:\n{result.stdout}"
 
@@ -36,16 +38,44 @@ def test_the_checker_catches_a_dirty_notebook(tmp_path):
     assert "model cell committed with outputs" in result.stdout and "metadata" in result.stdout
 
 
+def _text(cell: dict) -> str:
+    return "".join(cell["source"])
+
+
+def _offline(nb: dict) -> None:
+    code = "\n".join(_text(c) for c in nb["cells"] if c["cell_type"] == "code")
+    assert "http://" not in code and "https://" not in code
+    assert "sys.path" not in code
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_opens_the_same_way_and_stays_offline(path):
     nb = json.loads(path.read_text())
-    first = "".join(nb["cells"][0]["source"])
+    first = _text(nb["cells"][0])
     assert first.startswith("# ") and "**Goal:**" in first and "**What you will learn**" in first
-    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
-    assert "http://" not in code and "https://" not in code
-    assert "sys.path" not in code
+    _offline(nb)
     if path.name != "00_architecture.ipynb":
         setup = next(c for c in nb["cells"] if c["cell_type"] == "code")
-        assert "vlm = load_model()" in "".join(setup["source"])
-    last = "".join(nb["cells"][-1]["source"])
-    assert "## Summary" in last
+        assert "vlm = load_model()" in _text(setup)
+    assert any("## Summary" in _text(c).splitlines() for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_ends_with_exercises_and_their_solutions_exist(path):
+    last = _text(json.loads(path.read_text())["cells"][-1])
+    assert last.startswith("## Exercises")
+    exercises = [line for line in last.splitlines() if line[:2] in {f"{n}." for n in range(1, 10)}]
+    assert 2 <= len(exercises) <= 3, exercises
+    assert f"(solutions/{path.name})" in last
+    assert (ROOT / "notebooks" / "solutions" / path.name).is_file()
+
+
+@pytest.mark.parametrize("path", SOLUTIONS, ids=lambda p: p.name)
+def test_solutions_answer_one_notebook_each_and_stay_offline(path):
+    nb = json.loads(path.read_text())
+    first = _text(nb["cells"][0])
+    assert first.startswith(f"# Solutions · {path.name[:2]} ") and f"(../{path.name})" in first
+    assert (ROOT / "notebooks" / path.name).is_file()
+    _offline(nb)
+    headings = [_text(c).split("\n")[0] for c in nb["cells"] if _text(c).startswith("## ")]
+    assert headings and all(h[3].isdigit() for h in headings), headings

@@ -108,3 +108,34 @@ def test_parse_number_failures(text):
     with pytest.raises(ParseError) as info:
         parse_number(text)
     assert info.value.raw_text == text
+
+
+# Worked answers as real models write them (see also tests/test_published.py for the published ones): steps,
+# bold step headings, lists before the conclusion, a bold answer, repetition.
+WORKED_NUMBER_CASES = [
+    ("**Step 1: Read the car bar.**\nCar: 48\n\n**Step 2: Read the walk bar.**\nWalk: 12\n\n"
+     "**Step 3: Subtract.**\n48 - 12 = 36", 36),
+    ("**Step 1: Count the shapes**\nThere are 9 shapes.\n\n**Step 2: Remove the red circles**\nThere are 4 red "
+     "circles.\n\nTherefore, after removing 4 red circles, **5 shapes** remain.", 5),
+    ("The number of people who ride a car is **48** and the number who walk is **12**. So 36 more people ride a "
+     "car.", 36),
+    ("**Company A:**\n* 2016: 62%\n* 2024: 41%\n\n**41**", 41),
+    ("The result is 896. *Answer*: 896. *Answer*: 896. *Answer*: 896. *Answer*:", 896),
+    ("**Step 1: Read the bars**\nCar 48, walk 12.\n\n**Step 2: Subtract them**\nThe difference is 36 people.", 36),
+    ("Invoice date: 04/03/2024\nDue date: 03/04/2024\n\nThe difference is **30 days**.", 30),
+]
+
+
+@pytest.mark.parametrize("text,expected", WORKED_NUMBER_CASES)
+def test_parse_number_reads_the_conclusion_of_a_worked_answer(text, expected):
+    assert parse_number(text) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("**Step 1: Read the hour hand**\nIt points just past 3, so we start from 3:00.\n\n**Step 2: Read the minute "
+     "hand**\nIt points at 47 minutes.\n\nTherefore, the time is **3:47**.", (3, 47)),
+    ("* Hour hand: between 10 and 11\n* Minute hand: on the 2\n\nThe watch shows **10:10**.", (10, 10)),
+    ("The time is 22:27. *Answer*: 22:27. *Answer*: 22:27. *Answer*:", (22, 27)),
+])
+def test_parse_clock_time_reads_the_conclusion_of_a_worked_answer(text, expected):
+    assert tuple(parse_clock_time(text)) == expected

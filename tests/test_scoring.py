@@ -1,7 +1,7 @@
 import pytest
 
 from llama_vision_helpers.scoring import (
-    clock_error_minutes, latex_renders, normalize_latex, receipt_schema_errors, score_answer, score_clock,
+    clock_error_minutes, find_choice, find_order, latex_renders, normalize_latex, receipt_schema_errors, score_answer, score_clock,
     score_keywords, score_latex, score_number, score_order, score_receipt,
 )
 
@@ -102,3 +102,49 @@ def test_score_answer_never_raises_on_noise():
         assert score.value == 0 and not score.correct
         if parsed is None:
             assert error and "no " in error
+
+
+CHOICE_OPTIONS = ["addition", "subtraction", "multiplication", "division"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("multiplication", "multiplication"),
+    ("It is multiplication, not division.", "multiplication"),
+    ("Not addition: the operation is **multiplication**.", "multiplication"),
+    ("The sign could be read as division at first, but looking closely, 128 × 7 = 896, so the operation is "
+     "multiplication.", "multiplication"),
+    ("**Step 1: Look for addition or division signs**\nThe display shows ×.\n\nTherefore, the answer is "
+     "multiplication.", "multiplication"),
+    ("Division: 1,024 ÷ 16 = 64.", "division"),
+    ("Not division but multiplication.", "multiplication"),
+])
+def test_a_choice_is_read_from_the_conclusion(text, expected):
+    assert find_choice(text, CHOICE_OPTIONS) == expected
+
+
+def test_a_choice_answer_naming_the_other_company_first_is_graded_by_its_conclusion():
+    question = {"kind": "choice", "answer": "Company A", "options": ["Company A", "Company B"]}
+    text = ("Company B's line starts at about 30% in 2016, below Company A's at about 62%, so Company A had the "
+            "larger market share in 2016.")
+    parsed, score, error = score_answer(question, text)
+    assert (parsed, score.correct, error) == ("Company A", True, None)
+
+
+def test_the_final_sorted_list_is_graded_not_the_list_in_chart_order():
+    names = ["Maple", "Birch", "Oak", "Alder", "Willow", "Cedar"]
+    text = ("Here are the revenues:\n\n* Alder: 42.5\n* Birch: 67.0\n* Cedar: 18.2\n* Maple: 88.9\n* Oak: 55.3\n"
+            "* Willow: 30.7\n\n**Sorted from highest to lowest:**\n\n1. Maple\n2. Birch\n3. Oak\n4. Alder\n"
+            "5. Willow\n6. Cedar\n\nMaple has the highest revenue and Cedar the lowest.")
+    assert find_order(text, names) == names
+    assert find_order("Maple, Birch, Oak, Alder, Willow and Cedar.", names) == names
+
+
+def test_a_correct_matrix_answer_renders_and_is_correct():
+    truth = (r"\begin{pmatrix} a & b \\ c & d \end{pmatrix}^{-1} = \frac{1}{ad - bc} "
+             r"\begin{pmatrix} d & -b \\ -c & a \end{pmatrix}")
+    parsed, score, error = score_answer({"kind": "latex", "answer": truth}, f"$${truth}$$")
+    assert error is None and score.correct and score.details["renders"]
+    assert latex_renders(r"\begin{bmatrix} 1 & 2 & 3 \\ 4 & 5 & 6 \\ 7 & 8 & 9 \end{bmatrix}")
+    assert latex_renders(r"f(x) = \begin{cases} 1 & x > 0 \\ 0 & \text{otherwise} \end{cases}")
+    assert not latex_renders(r"\begin{pmatrix} a & b \\ c & d")
+    assert not latex_renders(r"\begin{pmatrix} a & b \\ c & d \end{bmatrix}")

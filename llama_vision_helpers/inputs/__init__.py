@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -18,6 +19,7 @@ from typing import Callable
 from PIL import Image
 
 from ..defaults import DEFAULT_INSTRUCTION
+from ..scoring import to_mathtext
 from . import documents, figures, instruments
 from .drawing import png_to_image
 
@@ -35,13 +37,48 @@ class InputSpec:
     questions: list[dict]
     draw: Callable[[], Image.Image | bytes]
     source: str = SYNTHETIC
+    style: str | None = None  # clocks: "analog" or "digital"
 
     def entry(self) -> dict:
-        return {"task": self.task, "description": self.description, "source": self.source, "questions": self.questions}
+        entry = {"task": self.task, "description": self.description, "source": self.source}
+        if self.style:
+            entry["style"] = self.style
+        return {**entry, "questions": self.questions}
 
 
-def question(qid: str, prompt: str, kind: str, answer, **extra) -> dict:
-    return {"id": qid, "prompt": prompt, "kind": kind, "answer": answer, **extra}
+# --- questions and their prompt variants ------------------------------------------------------------
+
+# The published runs' own wording, verbatim (`llama_vision_helpers.published` quotes the answers it produced;
+# all three are from the AMD ROCm blog's runs of the 90B model).
+SOURCE_STEP_BY_STEP = "Please walk through your reasoning step by step to arrive at the solution."
+SOURCE_STEP_EXPLANATION = "Please provide a step-by-step explanation of your reasoning."
+SOURCE_CAPTION = "Please provide a caption for the image."
+SOURCE_REVENUE = ("Help me understand the revenue shown in this chart and sort the items in descending order based "
+                  "on their revenue.")
+SOURCE_INVOICE = "How long does it take from invoice date to due date? Be short and concise."
+
+# "short": our scored prompt (the answer alone, in a stated format); "step_by_step": the same question asking
+# for the reasoning in the source's words; "source": a published run's exact prompt, where one fits our picture.
+PROMPT_VARIANTS = ("short", "step_by_step", "source")
+_ANSWER_FORMAT = re.compile(r"\s*Answer with [^.]*\.$")
+_REASONED_KINDS = ("number", "choice", "order", "clock")
+
+
+def question(qid: str, prompt: str, kind: str, answer, *, source_prompt: str | None = None, **extra) -> dict:
+    """A question in ground-truth form, with its prompt variants (see PROMPT_VARIANTS)."""
+    variants = {}
+    if kind in _REASONED_KINDS:
+        variants["step_by_step"] = f"{_ANSWER_FORMAT.sub('', prompt)} {SOURCE_STEP_BY_STEP}"
+    if source_prompt:
+        variants["source"] = source_prompt
+    return {"id": qid, "prompt": prompt, "kind": kind, "answer": answer, **extra, "variants": variants}
+
+
+def question_prompt(question: dict, variant: str = "short") -> str | None:
+    """The question's prompt in one of PROMPT_VARIANTS; None when the question has no such variant."""
+    if variant not in PROMPT_VARIANTS:
+        raise ValueError(f"Unknown prompt variant {variant!r}; choose from {', '.join(PROMPT_VARIANTS)}.")
+    return question["prompt"] if variant == "short" else question.get("variants", {}).get(variant)
 
 
 # --- photos ---------------------------------------------------------------------------------------
@@ -72,7 +109,8 @@ def _photo(name: str) -> Callable[[], Image.Image]:
 
 def photo_specs() -> list[InputSpec]:
     return [
-        InputSpec(file, "caption", description, [question("caption", DEFAULT_INSTRUCTION, "keywords", keywords)],
+        InputSpec(file, "caption", description, [question("caption", DEFAULT_INSTRUCTION, "keywords", keywords,
+                                                          source_prompt=SOURCE_CAPTION)],
                   _photo(name), source)
         for file, (name, description, source, keywords) in PHOTOS.items()
     ]
@@ -118,7 +156,7 @@ def invoice_spec() -> InputSpec:
     return InputSpec(
         "invoice.png", "invoice", "A one-page invoice with invoice date, due date and line items",
         [question("days_to_due", "How many days are there from the invoice date to the due date? Answer with a number.",
-                  "number", (due_day - invoice_day).days),
+                  "number", (due_day - invoice_day).days, source_prompt=SOURCE_INVOICE),
          question("total_due", "What is the total amount due on this invoice?", "number", float(Decimal(truth["total"])),
                   tolerance=0.01)],
         lambda: documents.invoice(truth))
@@ -143,12 +181,14 @@ def clock_specs() -> list[InputSpec]:
         specs.append(InputSpec(
             file, "clock", f"Analog watch face at {hour}:{minute:02d} ({'numerals' if numerals else 'ticks only'})",
             [_clock_question(hour, minute)],
-            lambda h=hour, m=minute, n=numerals, s=i: instruments.analog_clock(h, m, numerals=n, seed=200 + s)))
+            lambda h=hour, m=minute, n=numerals, s=i: instruments.analog_clock(h, m, numerals=n, seed=200 + s),
+            style="analog"))
     for i, (hour, minute, weekday, day) in enumerate(DIGITAL_TIMES):
         file = "watch-face-1.jpg" if i == 0 else f"clock-digital-{i:02d}.jpg"
         specs.append(InputSpec(
             file, "clock", f"Digital watch showing {hour:02d}:{minute:02d}", [_clock_question(hour, minute)],
-            lambda h=hour, m=minute, w=weekday, d=day, s=i: instruments.digital_watch(h, m, weekday=w, day=d, seed=300 + s)))
+            lambda h=hour, m=minute, w=weekday, d=day, s=i: instruments.digital_watch(h, m, weekday=w, day=d, seed=300 + s),
+            style="digital"))
     return specs
 
 
@@ -175,20 +215,18 @@ def calculator_specs() -> list[InputSpec]:
 
 # --- equations ------------------------------------------------------------------------------------
 
-# (LaTeX as a person would write it, the same formula in matplotlib mathtext when that needs other spelling)
+# LaTeX as a person would write it; the images are typeset from the same text by way of `to_mathtext`.
 EQUATIONS = [
-    (r"E = mc^2", None),
-    (r"a^2 + b^2 = c^2", None),
-    (r"\frac{a}{b} + \frac{c}{d} = \frac{ad + bc}{bd}", None),
-    (r"x = \frac{-b \pm \sqrt{b^2 - 4ac}}{2a}", None),
-    (r"\sum_{i=1}^{n} i = \frac{n(n+1)}{2}", None),
-    (r"e^{i\pi} + 1 = 0", None),
-    (r"\int_0^\infty e^{-x^2} dx = \frac{\sqrt{\pi}}{2}", None),
-    (r"\lim_{x \to 0} \frac{\sin x}{x} = 1", None),
-    (r"\sigma = \sqrt{\frac{1}{N} \sum_{i=1}^{N} (x_i - \mu)^2}", None),
-    (r"\begin{pmatrix} a & b \\ c & d \end{pmatrix}^{-1} = \frac{1}{ad - bc} \begin{pmatrix} d & -b \\ -c & a \end{pmatrix}",
-     r"\left(\genfrac{}{}{0}{}{a}{c}\quad\genfrac{}{}{0}{}{b}{d}\right)^{-1} = \frac{1}{ad - bc}"
-     r"\left(\genfrac{}{}{0}{}{d}{-c}\quad\genfrac{}{}{0}{}{-b}{a}\right)"),
+    r"E = mc^2",
+    r"a^2 + b^2 = c^2",
+    r"\frac{a}{b} + \frac{c}{d} = \frac{ad + bc}{bd}",
+    r"x = \frac{-b \pm \sqrt{b^2 - 4ac}}{2a}",
+    r"\sum_{i=1}^{n} i = \frac{n(n+1)}{2}",
+    r"e^{i\pi} + 1 = 0",
+    r"\int_0^\infty e^{-x^2} dx = \frac{\sqrt{\pi}}{2}",
+    r"\lim_{x \to 0} \frac{\sin x}{x} = 1",
+    r"\sigma = \sqrt{\frac{1}{N} \sum_{i=1}^{N} (x_i - \mu)^2}",
+    r"\begin{pmatrix} a & b \\ c & d \end{pmatrix}^{-1} = \frac{1}{ad - bc} \begin{pmatrix} d & -b \\ -c & a \end{pmatrix}",
 ]
 LATEX_PROMPT = "Write the LaTeX for the equation in the image. Put it between $$ and $$."
 
@@ -197,8 +235,8 @@ def equation_specs() -> list[InputSpec]:
     return [
         InputSpec(f"equation-{i:02d}.png", "latex", f"Equation {i} of {len(EQUATIONS)} (easy to hard)",
                   [question("latex", LATEX_PROMPT, "latex", latex)],
-                  lambda m=mathtext or latex: figures.equation(m))
-        for i, (latex, mathtext) in enumerate(EQUATIONS, start=1)
+                  lambda m=to_mathtext(latex): figures.equation(m))
+        for i, latex in enumerate(EQUATIONS, start=1)
     ]
 
 
@@ -243,7 +281,7 @@ def scene_specs() -> list[InputSpec]:
                   lambda: figures.line_chart("Market share, 2016-2024", MARKET_YEARS, MARKET, ylabel="Market share (%)")),
         InputSpec("chart-revenue.png", "charts", "Bar chart of six companies' revenue",
                   [question("sorted", "Sort the companies in the chart from the highest to the lowest revenue.",
-                            "order", sorted(REVENUE, key=REVENUE.get, reverse=True))],
+                            "order", sorted(REVENUE, key=REVENUE.get, reverse=True), source_prompt=SOURCE_REVENUE)],
                   lambda: figures.bar_chart("Revenue 2024 (million $)", list(REVENUE), list(REVENUE.values()),
                                             ylabel="Revenue (million $)", color="#55a868")),
         InputSpec("infographic.png", "infographic", "Infographic on solar power in a city: timeline and numbers",
@@ -290,6 +328,11 @@ def sources_markdown(specs: list[InputSpec]) -> str:
         "# Sources of the input images\n\n"
         "Regenerate everything here with `llama-vision inputs` (or `make inputs`): the output is the same byte for "
         "byte. The photos ship inside the scikit-image package on PyPI; nothing is downloaded.\n\n"
+        "**These are not the published walk-throughs' pictures.** Eight file names (`image_1.jpg`, `image_2.jpg`, "
+        "`image_3.jpg`, `receipt-1.jpeg`, `receipt-2.jpeg`, `calculator-1.png`, `watch-face-1.jpg`, "
+        "`watch-face-2.jpg`) follow the `input/` folder of the Unsloth walk-through (DebuggerCafe, 2024), but the "
+        "pictures behind them are this project's: its `image_2.jpg` is a mirror on a beach, ours is a cup of coffee. "
+        "What a walk-through's model said about its pictures is therefore never a right or wrong answer about ours.\n\n"
         "| file | what it shows | origin and licence |\n| --- | --- | --- |\n" + rows + "\n"
     )
 
