@@ -498,7 +498,7 @@ class Engine:
                     on_position(event.position)
                 elif isinstance(event, Delta):
                     texts[event.index] += event.text
-                    if on_text is not None and num_samples == 1:
+                    if on_text is not None and event.index == 0:  # of several answers, the first streams
                         on_text(event.text)
                 elif isinstance(event, Failed):
                     raise event.error

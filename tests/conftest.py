@@ -111,7 +111,7 @@ class RunningServer:
 
 
 # limits the tests can cross with small bodies, and every picture in input/ stays within
-SERVER_LIMITS = ("--max-body-mb", "1", "--max-image-pixels", "400000")
+SERVER_LIMITS = ("--max-body-mb", "1", "--max-image-pixels", "1000000")
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,8 @@ def test_waiting_requests_learn_their_place_and_a_cancelled_one_is_dropped(gated
     engine.gate.set()
     third_events = list(third)
     assert [e.position for e in third_events if isinstance(e, Queued)] == [3, 1]  # the cancelled one no longer counts
-    assert [e.finish_reason for e in second if isinstance(e, Done)] == ["cancelled"]
+    # dropped without running: not a single token generated for it
+    assert [(e.finish_reason, e.completion_tokens) for e in second if isinstance(e, Done)] == [("cancelled", 0)]
     assert text_of(list(first)) == text_of(third_events)
 
 

@@ -134,7 +134,7 @@ BAD_REQUESTS = {
     "not base64": (with_image_url("data:image/png;base64,@@@"), {}, 400, "base64"),
     "a web image": (with_image_url("http://127.0.0.1:9/cat.png"), {}, 400, "--allow-image-urls"),
     "a file URL": (with_image_url("file:///etc/passwd"), {}, 400, "data URL"),
-    "too many pixels": (with_image_url(png_data_url((700, 700))), {}, 400, "at most 400,000"),
+    "too many pixels": (with_image_url(png_data_url((1100, 1000))), {}, 400, "at most 1,000,000"),
     "a body too large": (with_image_url("data:image/png;base64," + "A" * 1_200_000), {}, 413, "larger than"),
     "a prompt longer than the context": (ask(), {"max_tokens": 5000}, 400, "context"),
     "greedy with n": (ask(), {"n": 2, "temperature": 0}, 400, "do_sample=True"),
