@@ -25,7 +25,7 @@ from .defaults import DEFAULT_INSTRUCTION
 from .inputs import (
     SOURCE_CAPTION, SOURCE_INVOICE, SOURCE_REVENUE, SOURCE_STEP_BY_STEP, SOURCE_STEP_EXPLANATION,
 )
-from .scoring import Score, parse_answer, score_parsed
+from .scoring import Score, parse_answer, score_parsed, unparsed_score
 
 # The grades a person gives; `grade_published` reports our scorers' verdict in the same words.
 CORRECT, PARTLY_CORRECT, WRONG, UNVERIFIABLE = "correct", "partly correct", "wrong", "unverifiable"
@@ -448,7 +448,7 @@ def grade_published(answer: PublishedAnswer) -> PublishedGrade:
     try:
         parsed = parse_answer(answer.question, answer.answer)
     except parsing.ParseError as err:
-        return PublishedGrade(answer, None, Score(0.0, False), str(err))
+        return PublishedGrade(answer, None, unparsed_score(answer.question), str(err))
     if answer.question.get("answer") is None:
         return PublishedGrade(answer, parsed, None, None)
     return PublishedGrade(answer, parsed, score_parsed(answer.question, parsed), None)

@@ -364,10 +364,28 @@ def score_parsed(question: dict, parsed: Any) -> Score:
     raise ValueError(f"unknown answer kind {kind!r}")
 
 
+# The details each kind of answer adds to a results row. An answer that could not be parsed gets them empty, so a
+# results table has the same columns whatever the model said (a model that never answers included).
+DETAIL_KEYS: dict[str, tuple[str, ...]] = {
+    "number": ("abs_error",),
+    "clock": ("error_minutes",),
+    "latex": ("edit_distance", "renders"),
+    "receipt": ("precision", "recall", "f1", "schema_valid", "schema_errors", "missing"),
+    "choice": (),
+    "order": ("pairs_right", "pairs"),
+    "keywords": ("keywords_found",),
+}
+
+
+def unparsed_score(question: dict) -> Score:
+    """The score of an answer that could not be parsed: 0, with the kind's details left empty."""
+    return Score(0.0, False, dict.fromkeys(DETAIL_KEYS[question["kind"]]))
+
+
 def score_answer(question: dict, text: str) -> tuple[Any, Score, str | None]:
     """(parsed, score, error): a parse failure scores 0 and reports why, never raises."""
     try:
         parsed = parse_answer(question, text)
     except parsing.ParseError as err:
-        return None, Score(0.0, False), str(err)
+        return None, unparsed_score(question), str(err)
     return parsed, score_parsed(question, parsed), None

@@ -194,3 +194,40 @@ def test_unknown_variants_and_presets_are_refused(vlm):
     with pytest.raises(ValueError, match="greedy"):
         run_experiment(vlm, "charts", presets=("hot",))
     assert set(SETTING_PRESETS) == {"sampled", "greedy"}
+
+
+def _truth_as_parsed(question: dict):
+    """The ground truth in the form the parser would hand the scorer."""
+    truth = question["answer"]
+    if question["kind"] == "clock":
+        return truth["hour"], truth["minute"]
+    if question["kind"] == "keywords":
+        return " ".join(truth)
+    return truth
+
+
+def test_detail_keys_are_what_each_scorer_reports():
+    from llama_vision_helpers.scoring import DETAIL_KEYS, score_parsed
+
+    kinds = set()
+    for entry in load_ground_truth()["images"].values():
+        for question in entry["questions"]:
+            kinds.add(question["kind"])
+            details = score_parsed(question, _truth_as_parsed(question)).details
+            assert set(details) == set(DETAIL_KEYS[question["kind"]]), question["id"]
+    assert kinds == set(DETAIL_KEYS)
+
+
+def test_a_model_that_never_answers_still_gives_every_column(vlm, monkeypatch):
+    """Random weights can answer nothing at all; the task's detail columns are there, empty, all the same."""
+    from llama_vision_helpers.scoring import DETAIL_KEYS
+
+    def silent(vlm, image, prompt, *, num_samples=1, **settings):
+        return [""] * num_samples if num_samples > 1 else ""
+
+    monkeypatch.setattr(experiments, "describe_image", silent)
+    for task in TASKS:
+        rows = run_experiment(vlm, task, trials=2, progress=False, results_dir=None).rows
+        kinds = {q["kind"] for e in load_ground_truth()["images"].values() if e["task"] == task for q in e["questions"]}
+        for kind in kinds:
+            assert set(DETAIL_KEYS[kind]) <= set(rows.columns), (task, kind)
