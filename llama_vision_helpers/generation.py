@@ -174,8 +174,8 @@ def generate_answers(
     """Run one `generate` call over prepared inputs and return the decoded answers (prompt excluded).
 
     `stream`: True prints through TextStreamer, a callable receives each chunk, a transformers streamer is
-    used as given; with `num_samples > 1` the first answer streams and all are returned. `fast`: the CUDA-graph decode loop (`fast_decode.py`);
-    None uses it with the transformers backend on a CUDA GPU and keeps `generate` elsewhere. Extra keyword
+    used as given; with `num_samples > 1` the first answer streams and all are returned. `fast`: the
+    CUDA-graph decode loop (`fast_decode.py`); None uses it with the transformers backend on a CUDA GPU and keeps `generate` elsewhere. Extra keyword
     arguments go to `generate`.
     """
     import torch

@@ -16,8 +16,6 @@ from typing import Any, Callable, NamedTuple
 
 from .defaults import BACKENDS, DEFAULT_MODEL, TINY_ALIAS
 
-__all__ = ["BACKENDS", "DEFAULT_MODEL", "TINY_ALIAS", "ModelLoadError", "VisionModel", "load_model"]
-
 
 class Spelling(NamedTuple):
     """How advice names an option: as Python arguments or as command-line flags."""
