@@ -60,14 +60,6 @@ class VisionModel:
         return f"VisionModel({self.model_name!r}, backend={self.backend!r}, device={self.device}, {bits})"
 
 
-def local_processor(vlm: VisionModel) -> Any:
-    """The tokenizer + image processor of `vlm`, here on this machine, for looking at prompts token by token.
-
-    A local model's own processor; it loads no weights.
-    """
-    return vlm.processor
-
-
 def cache_dir() -> Path:
     """Where built artefacts (the tiny checkpoint, random-weight checkpoints) are kept."""
     return Path(os.environ.get("LLAMA_VISION_CACHE", Path.home() / ".cache" / "llama_vision_helpers"))
