@@ -170,7 +170,7 @@ def test_a_waiting_message_shows_its_place_in_line(vlm, gated_engine):
 
 
 def test_the_app_as_a_client_of_a_server_answers_as_chat_does(vlm, tmp_path):
-    from conftest import RunningServer
+    from running_server import RunningServer
 
     from llama_vision_helpers import load_model
 

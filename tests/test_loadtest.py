@@ -7,7 +7,7 @@ import openai
 import pytest
 from PIL import Image
 
-from conftest import RunningServer
+from running_server import RunningServer
 from llama_vision_helpers.cli import main
 from llama_vision_helpers.generation import answer_messages, user_message
 from llama_vision_helpers.loadtest import format_table, run_loadtest, synthetic_image

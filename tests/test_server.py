@@ -186,7 +186,7 @@ def keyed_server(vlm):
     """The API with a key, served in this process on a free port."""
     import uvicorn
 
-    from conftest import free_port
+    from running_server import free_port
     from llama_vision_helpers.engine import Engine
     from llama_vision_helpers.server import create_app
 
