@@ -122,10 +122,12 @@ def _is_missing(value: Any) -> bool:
 
 
 def canonical_rows(rows: pd.DataFrame) -> pd.DataFrame:
-    """Rows with one spelling of 'missing': None in text and object columns, NaN in number columns."""
+    """Rows with one spelling of 'missing': None in text and object columns and in columns with no value at all
+    (whatever pandas guessed for them), NaN in number columns."""
     rows = rows.copy()
     for column in rows.columns:
-        if not (pd.api.types.is_numeric_dtype(rows[column]) or pd.api.types.is_bool_dtype(rows[column])):
+        empty = all(_is_missing(v) for v in rows[column])
+        if empty or not (pd.api.types.is_numeric_dtype(rows[column]) or pd.api.types.is_bool_dtype(rows[column])):
             rows[column] = pd.Series([None if _is_missing(v) else v for v in rows[column]], index=rows.index,
                                      dtype=object)
     return rows

@@ -218,8 +218,8 @@ def test_detail_keys_are_what_each_scorer_reports():
     assert kinds == set(DETAIL_KEYS)
 
 
-def test_a_model_that_never_answers_still_gives_every_column(vlm, monkeypatch):
-    """Random weights can answer nothing at all; the task's detail columns are there, empty, all the same."""
+def test_a_model_that_never_answers_still_gives_every_column(vlm, monkeypatch, tmp_path):
+    """Random weights can answer nothing at all; the task's detail columns are there, empty, and read back so."""
     from llama_vision_helpers.scoring import DETAIL_KEYS
 
     def silent(vlm, image, prompt, *, num_samples=1, **settings):
@@ -227,7 +227,9 @@ def test_a_model_that_never_answers_still_gives_every_column(vlm, monkeypatch):
 
     monkeypatch.setattr(experiments, "describe_image", silent)
     for task in TASKS:
-        rows = run_experiment(vlm, task, trials=2, progress=False, results_dir=None).rows
+        result = run_experiment(vlm, task, trials=2, progress=False, results_dir=tmp_path)
+        rows = result.rows
+        pd.testing.assert_frame_equal(load_results(result.saved[0]), rows)
         kinds = {q["kind"] for e in load_ground_truth()["images"].values() if e["task"] == task for q in e["questions"]}
         for kind in kinds:
             assert set(DETAIL_KEYS[kind]) <= set(rows.columns), (task, kind)
