@@ -74,7 +74,8 @@ class BatchScheduler:
                 self._deliver(event, eos)
 
     def _admit(self, requests: list[Request]) -> None:
-        """Prefill the joining requests together (one slot per answer); a failure fails them, nothing else."""
+        """Prefill the joining requests together (one slot per answer). If that fails, each is tried alone, so a
+        request fails only for its own fault, never for a neighbour's."""
         slot_requests = []
         for request in requests:
             sampling = request.sampling
@@ -89,8 +90,14 @@ class BatchScheduler:
         try:
             self.decoder.admit(slot_requests)
         except Exception as err:
+            if len(requests) == 1:
+                self._fail(requests, err)
+                return
             self.decoder.discard(slot_requests)
-            self._fail(requests, err)
+            for slot in slot_requests:
+                del self._owners[id(slot)]
+            for request in requests:
+                self._admit([request])
 
     def _cancel_stopped(self) -> None:
         """Answers that want no more tokens (a stop string, a caller that left) leave at the next step."""

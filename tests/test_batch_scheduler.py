@@ -14,6 +14,18 @@ def text_of(events, index=0):
     return "".join(e.text for e in events if isinstance(e, Delta) and e.index == index)
 
 
+class Gated(BatchScheduler):
+    """A batched scheduler that starts only when the test opens the gate, so requests queue up before it runs."""
+
+    def __init__(self, gate: threading.Event, **options) -> None:
+        super().__init__(**options)
+        self.gate = gate
+
+    def run(self, engine):
+        self.gate.wait(30)
+        super().run(engine)
+
+
 @pytest.fixture(scope="module")
 def batched(vlm):
     engine = Engine(vlm, BatchScheduler(max_batch=3))
@@ -80,13 +92,7 @@ def test_a_seeded_request_samples_the_same_alone_and_in_a_crowd(batched, convers
 
 def test_requests_wait_for_a_free_slot_and_learn_their_place(vlm, conversations):
     gate = threading.Event()
-
-    class Gated(BatchScheduler):
-        def run(self, engine):
-            gate.wait(30)
-            super().run(engine)
-
-    engine = Engine(vlm, Gated(max_batch=1))
+    engine = Engine(vlm, Gated(gate, max_batch=1))
     try:
         messages, image, _ = conversations[0]
         requests = [engine.submit(messages, image, Sampling(max_new_tokens=30, min_new_tokens=30, do_sample=False))
@@ -107,14 +113,21 @@ def test_requests_wait_for_a_free_slot_and_learn_their_place(vlm, conversations)
         engine.close()
 
 
-def test_a_failing_request_is_reported_and_the_others_keep_going(batched, vlm, conversations):
-    messages, image, n = conversations[2]
-    good = batched.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
-    bad = batched.prepare(*conversations[0][:2], Sampling(max_new_tokens=5, do_sample=False))
-    bad.inputs["input_ids"][:] = 10**7  # no such token: the prefill raises
-    batched.queue.put(bad)
-    assert isinstance(list(bad)[-1], Failed)
-    assert text_of(list(good)) == solo(vlm, messages, image, n)
+def test_a_failing_request_is_reported_and_the_others_keep_going(vlm, conversations):
+    """Both wait in the queue, so they join in the same step; only the one that fails on its own is failed."""
+    gate = threading.Event()
+    engine = Engine(vlm, Gated(gate, max_batch=3))
+    try:
+        messages, image, n = conversations[2]
+        good = engine.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
+        bad = engine.prepare(*conversations[0][:2], Sampling(max_new_tokens=5, do_sample=False))
+        bad.inputs["input_ids"][:] = 10**7  # no such token: the prefill raises
+        engine.queue.put(bad)
+        gate.set()
+        assert isinstance(list(bad)[-1], Failed)
+        assert text_of(list(good)) == solo(vlm, messages, image, n)
+    finally:
+        engine.close()
 
 
 def test_the_scheduler_is_chosen_from_max_batch(vlm):
