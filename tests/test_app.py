@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from llama_vision_helpers.app import (
 from llama_vision_helpers.defaults import DEFAULT_INSTRUCTION, DEFAULT_SETTINGS
 from llama_vision_helpers.engine import Engine, Sampling
 from llama_vision_helpers.generation import generate_token_ids
+from running_server import RunningServer, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUT = ROOT / "input"
@@ -170,7 +170,6 @@ def test_a_waiting_message_shows_its_place_in_line(vlm, gated_engine):
 
 
 def test_the_app_as_a_client_of_a_server_answers_as_chat_does(vlm, tmp_path):
-    from running_server import RunningServer
 
     from llama_vision_helpers import load_model
 
@@ -189,17 +188,16 @@ def test_the_app_as_a_client_of_a_server_answers_as_chat_does(vlm, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(vlm):
+def app_url(vlm):
+    """The app launched in this process on a free port of 127.0.0.1 (not the API server of conftest's `server`)."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     demo = app_module.launch(vlm, host="127.0.0.1", port=port, block=False)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
 
-def test_four_clients_at_once_each_get_their_own_conversation(vlm, server):
+def test_four_clients_at_once_each_get_their_own_conversation(vlm, app_url):
     from gradio_client import Client, handle_file
 
     jobs = [("image_1.jpg", "Who is this?"), ("image_2.jpg", "What is in the cup?"),
@@ -207,7 +205,7 @@ def test_four_clients_at_once_each_get_their_own_conversation(vlm, server):
 
     def converse(job):
         name, question = job
-        client = Client(server, verbose=False)
+        client = Client(app_url, verbose=False)
         settings = (GREEDY["max_new_tokens"], DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], True)
         first = client.predict({"text": question, "files": [handle_file(str(INPUT / name))]}, *settings,
                                api_name="/respond")
@@ -222,26 +220,26 @@ def test_four_clients_at_once_each_get_their_own_conversation(vlm, server):
         assert follow_up == chat.ask("Tell me more.")
 
 
-def test_api_clients_see_the_error_message(server):
+def test_api_clients_see_the_error_message(app_url):
     from gradio_client import Client, handle_file
 
-    client = Client(server, verbose=False)
+    client = Client(app_url, verbose=False)
     message = {"text": "Describe it. " * 5000, "files": [handle_file(str(INPUT / "image_2.jpg"))]}
     with pytest.raises(Exception, match="model's context of"):
         client.predict(message, 16, DEFAULT_SETTINGS["temperature"], DEFAULT_SETTINGS["min_p"], True,
                        api_name="/respond")
 
 
-def test_uploads_over_the_size_limit_are_refused(server, tmp_path):
+def test_uploads_over_the_size_limit_are_refused(app_url, tmp_path):
     import httpx
 
     big = tmp_path / "big.png"
     big.write_bytes(b"\0" * (21 * 1024 * 1024))
     with big.open("rb") as handle:
-        response = httpx.post(f"{server}gradio_api/upload", files={"files": ("big.png", handle, "image/png")},
+        response = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("big.png", handle, "image/png")},
                               timeout=60)
     assert response.status_code == 413
-    small = httpx.post(f"{server}gradio_api/upload", files={"files": ("a.png", (INPUT / "image_2.jpg").read_bytes(),
+    small = httpx.post(f"{app_url}gradio_api/upload", files={"files": ("a.png", (INPUT / "image_2.jpg").read_bytes(),
                                                                        "image/png")}, timeout=60)
     assert small.status_code == 200
 
@@ -250,7 +248,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.mark.browser
-def test_the_app_in_a_real_browser(vlm, server, monkeypatch):
+def test_the_app_in_a_real_browser(vlm, app_url, monkeypatch):
     """Greedy settings chosen in the page reach generation, the answer streams into the page, follow-ups work."""
     if not Path(CHROMIUM).exists():
         if os.environ.get("LLAMA_VISION_REQUIRE_BROWSER"):
@@ -272,7 +270,7 @@ def test_the_app_in_a_real_browser(vlm, server, monkeypatch):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=flags)
         page = browser.new_page(viewport={"width": 1200, "height": 900})
-        page.goto(server, wait_until="domcontentloaded")
+        page.goto(app_url, wait_until="domcontentloaded")
         box = page.locator("textarea").first
         box.wait_for(timeout=60_000)
         bot = page.locator('[data-testid="bot"]')
