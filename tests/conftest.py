@@ -69,6 +69,16 @@ def server(vlm, tmp_path_factory):
     running.stop()
 
 
+@pytest.fixture(scope="module")
+def engine(vlm):
+    """An engine over the tiny model, one-at-a-time scheduler, shared by the tests of a module."""
+    from llama_vision_helpers.engine import Engine
+
+    engine = Engine(vlm)
+    yield engine
+    engine.close()
+
+
 @pytest.fixture
 def gated_engine(vlm):
     """An engine whose scheduler starts only once `engine.gate` is set, so tests can fill its queue first."""

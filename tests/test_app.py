@@ -16,7 +16,7 @@ from llama_vision_helpers.app import (
     NEED_IMAGE, NOTICE, ONE_IMAGE, AppRequestError, content_parts, conversation, not_an_image, respond,
 )
 from llama_vision_helpers.defaults import DEFAULT_INSTRUCTION, DEFAULT_SETTINGS
-from llama_vision_helpers.engine import Engine, Sampling
+from llama_vision_helpers.engine import Sampling
 from llama_vision_helpers.generation import generate_token_ids
 from running_server import RunningServer, free_port
 
@@ -140,13 +140,6 @@ def test_the_settings_reach_generate_unchanged(vlm, monkeypatch):
     last(respond(vlm, {"text": "Hi", "files": [str(INPUT / "image_2.jpg")]}, [], max_new_tokens=3,
                  temperature=0.45, min_p=0.2))
     assert (calls[0]["temperature"], calls[0]["min_p"], calls[0]["max_new_tokens"]) == (0.45, 0.2, 3)
-
-
-@pytest.fixture(scope="module")
-def engine(vlm):
-    engine = Engine(vlm)
-    yield engine
-    engine.close()
 
 
 def test_stopping_ends_generation_early(engine):

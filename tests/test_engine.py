@@ -4,18 +4,11 @@ import pytest
 import torch
 
 from llama_vision_helpers import describe_image
-from llama_vision_helpers.engine import Delta, Done, Engine, Failed, PromptTooLong, Queued, Request, Sampling
+from llama_vision_helpers.engine import Delta, Done, Failed, PromptTooLong, Queued, Request, Sampling
 from llama_vision_helpers.generation import user_message
 
 QUESTION = "Describe the image accurately."
 GREEDY = Sampling(max_new_tokens=12, do_sample=False)
-
-
-@pytest.fixture(scope="module")
-def engine(vlm):
-    engine = Engine(vlm)
-    yield engine
-    engine.close()
 
 
 def text_of(events, index=0):
