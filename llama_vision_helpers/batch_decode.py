@@ -112,10 +112,11 @@ class BatchDecoder:
     """
 
     def __init__(self, model: Any, *, max_batch: int, slot_length: int = DEFAULT_SLOT_LENGTH,
-                 use_cuda_graph: bool | None = None) -> None:
-        # the elementwise work stays eager (inside the graphs): compiled, every new batch bucket and cache length
-        # would stall every running request for a compilation; the 4-bit kernel is used all the same
-        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph, compile_elementwise=False)
+                 use_cuda_graph: bool | None = None, compile_elementwise: bool | None = None) -> None:
+        # the elementwise work (compiled on CUDA unless told otherwise) is compiled for symbolic shapes: one
+        # compilation for every batch bucket and cache length, done in `warm_up`, so that no running request waits
+        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph, compile_elementwise=compile_elementwise,
+                                dynamic_shapes=True)
         self.model = model
         self.max_batch, self.slot_length = max_batch, min(slot_length, self.fast.max_positions)
         self.buckets = bucket_sizes(max_batch)

@@ -55,7 +55,7 @@ class FastDecoder:
     """Decode for one loaded MllamaForConditionalGeneration; keep one per model (graphs are reused)."""
 
     def __init__(self, model: Any, *, use_cuda_graph: bool | None = None, use_nf4_kernel: bool | None = None,
-                 compile_elementwise: bool | None = None) -> None:
+                 compile_elementwise: bool | None = None, dynamic_shapes: bool = False) -> None:
         language_model = getattr(getattr(model, "model", None), "language_model", None)
         if language_model is None or not hasattr(model, "lm_head"):
             raise FastDecodeUnsupported("not an Mllama model")
@@ -88,7 +88,7 @@ class FastDecoder:
         # on a GPU, plain linears of a group are joined too (one product instead of three or two)
         self.dense_weights = self._join_dense_weights() if self.device.type == "cuda" else {}
         compile_ops = self.device.type == "cuda" if compile_elementwise is None else compile_elementwise
-        self._ops = _compiled_ops() if compile_ops else _EAGER_OPS
+        self._ops = _compiled_ops(dynamic_shapes) if compile_ops else _EAGER_OPS
 
     def _projection_groups(self, index: int, layer) -> dict[str, list]:
         """The linears of one layer, grouped by the input they share (each group is one product)."""
@@ -157,8 +157,10 @@ class FastDecoder:
         ops, batch = self._ops, hidden.shape[0]
         hidden, x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         q, k, v = self.project(index, "qkv", x)
-        q = ops.rotary_and_cache(q, k, v, cos, sin, state.keys[index], state.values[index], state.position,
-                                 self.num_heads, self.num_kv_heads, self.head_dim)
+        q, k, v = ops.rotary(q, k, v, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        where = state.position.view(-1, 1, 1, 1).expand_as(k)  # each row at its own position
+        state.keys[index].scatter_(2, where, k)
+        state.values[index].scatter_(2, where, v)
         out = F.scaled_dot_product_attention(q, state.keys[index], state.values[index], attn_mask=mask,
                                              scale=layer.self_attn.scaling, enable_gqa=True)
         (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
@@ -409,10 +411,10 @@ class _Ops:
         return _Ops.rms_norm(q, weight, eps)
 
     @staticmethod
-    def rotary_and_cache(q, k, v, cos, sin, keys, values, position, num_heads: int, num_kv_heads: int,
-                         head_dim: int):
-        """Rotary embedding of queries and keys (x*cos + rotate_half(x)*sin, where rotate_half(x)*sin ==
-        roll(x, half)*sin_signed), keys and values written into the cache at `position`; returns the queries."""
+    def rotary(q, k, v, cos, sin, num_heads: int, num_kv_heads: int, head_dim: int):
+        """Queries, keys and values as (rows, heads, 1, head_dim), the rotary embedding applied to queries and keys
+        (x*cos + rotate_half(x)*sin, where rotate_half(x)*sin == roll(x, half)*sin_signed). The cache write stays
+        outside: compiled, writing into the cache would copy all of it."""
         batch = q.shape[0]
         q = q.view(batch, 1, num_heads, head_dim).transpose(1, 2)
         k = k.view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
@@ -420,10 +422,7 @@ class _Ops:
         qk = torch.cat([q, k], dim=1)
         qk = qk * cos + torch.roll(qk, head_dim // 2, dims=-1) * sin
         q, k = qk.split([num_heads, num_kv_heads], dim=1)
-        where = position.view(-1, 1, 1, 1).expand_as(k)  # each row at its own position
-        keys.scatter_(2, where, k)
-        values.scatter_(2, where, v)
-        return q
+        return q, k, v
 
     @staticmethod
     def silu_mul(gate, up):
@@ -438,13 +437,14 @@ _EAGER_OPS = _Ops()
 
 
 @functools.cache
-def _compiled_ops() -> Any:
+def _compiled_ops(dynamic: bool = False) -> Any:
     """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten), keeping
     eager's rounding to bf16 after every operation (`emulate_precision_casts`), so that the fused step computes
-    what transformers computes."""
+    what transformers computes. `dynamic`: one compilation serves every batch size and cache length (the batched
+    decoder's many shapes) instead of one per shape."""
     compiled = _Ops()
-    for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary_and_cache", "silu_mul", "gate_rows"):
-        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=False, fullgraph=True,
+    for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary", "silu_mul", "gate_rows"):
+        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=dynamic, fullgraph=True,
                                               options={"emulate_precision_casts": True}))
     return compiled
 

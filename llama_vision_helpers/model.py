@@ -283,6 +283,8 @@ def _load_transformers(source: str, load_in_4bit: bool, device_map: Any, dtype: 
     import torch
     from transformers import AutoProcessor, BitsAndBytesConfig, MllamaForConditionalGeneration
 
+    from .vision_attention import use_split_mask_attention
+
     kwargs: dict[str, Any] = {}
     if dtype is None:
         dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -299,6 +301,7 @@ def _load_transformers(source: str, load_in_4bit: bool, device_map: Any, dtype: 
         device_map = "auto" if on_gpu else "cpu"
     model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
     model.eval()
+    use_split_mask_attention(model)  # same answers, the vision encoder's attention on the fastest kernel
     processor = AutoProcessor.from_pretrained(source)
     return model, processor
 

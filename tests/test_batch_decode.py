@@ -112,3 +112,14 @@ def test_a_full_slot_ends_with_length(vlm, mixed):
 
 def test_bucket_sizes():
     assert bucket_sizes(1) == [1] and bucket_sizes(6) == [1, 2, 4, 6] and bucket_sizes(32) == [1, 2, 4, 8, 16, 32]
+
+
+def test_compiled_elementwise_work_gives_the_eager_tokens(vlm, mixed):
+    """The GPU's step (elementwise work compiled for any batch size and cache length) against the eager step, with
+    requests of different lengths joining and leaving; compiled here on the CPU."""
+    def answers(compiled):
+        decoder = BatchDecoder(vlm.model, max_batch=4, compile_elementwise=compiled)
+        requests = [SlotRequest(inputs, max_new_tokens=n, min_new_tokens=n) for inputs, n in mixed]
+        return [request.tokens for request in decoder.run(requests)]
+
+    assert answers(True) == answers(False)

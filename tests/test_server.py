@@ -1,6 +1,7 @@
 """The OpenAI-compatible server, driven by the official openai client, against the library's own answers."""
 
 import base64
+import contextlib
 import io
 import threading
 import time
@@ -181,26 +182,36 @@ def test_a_client_that_hangs_up_frees_the_engine(client, server):
     assert after["running"] == 0 and after["cancelled"] == before["cancelled"] + 1
 
 
-@pytest.fixture(scope="module")
-def keyed_server(vlm):
-    """The API with a key, served in this process on a free port."""
+@contextlib.contextmanager
+def served(engine, **app_options):
+    """The API over `engine`, served in this process on a free port; yields its base URL."""
     import uvicorn
 
     from running_server import free_port
-    from llama_vision_helpers.engine import Engine
     from llama_vision_helpers.server import create_app
 
-    engine = Engine(vlm)
     port = free_port()
-    config = uvicorn.Config(create_app(engine, api_key="s3cret"), host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(create_app(engine, **app_options), host="127.0.0.1", port=port, log_level="warning")
     uv = uvicorn.Server(config)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/v1"
-    uv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def keyed_server(vlm):
+    """The API with a key."""
+    from llama_vision_helpers.engine import Engine
+
+    engine = Engine(vlm)
+    with served(engine, api_key="s3cret") as url:
+        yield url
     engine.close()
 
 

@@ -6,6 +6,7 @@
 #   bash tools/gpu_run.sh spread      # 90B random weights in bf16 across every GPU (device_map), generate
 #   bash tools/gpu_run.sh kernel      # 4-bit kernel: checks against bitsandbytes on the 11B shapes, step timings
 #   bash tools/gpu_run.sh profile     # where a fast decode step's time goes (bf16 and bnb 4-bit, 11B)
+#   bash tools/gpu_run.sh prefill     # where an image prefill's time goes; batched decode steps, eager or compiled
 #   bash tools/gpu_run.sh loadtest    # 11B random weights served: clients 1/8/32, batched engine vs queue, bf16 + bnb4
 #   bash tools/gpu_run.sh serve       # 11B random weights behind `llama-vision serve`: doctor over HTTP, then
 #                                     # notebooks 01-06 under nbval with LLAMA_VISION_MODEL=the server, timed
@@ -68,8 +69,9 @@ case "$what" in
             python3 tools/loadtest_gpu.py --precisions bnb4 --queue-clients 1 8 --out "$out" 2>&1 | tee -a "$out/loadtest.log" ;;
   serve)  serve_and_run_notebooks ;;
   kernel) python3 tools/nf4_kernel_bench.py --out "$out" 2>&1 | tee "$out/kernel.log" ;;
+  prefill) python3 tools/profile_prefill.py --out "$out" 2>&1 | tee "$out/prefill.log" ;;
   profile) python3 tools/profile_decode.py ${PROFILE_VARIANTS:-} 2>&1 | tee "$out/profile.log" ;;
-  *) echo "usage: bash tools/gpu_run.sh [tests|bench|spread|kernel|profile|loadtest|serve ...]"; exit 2 ;;
+  *) echo "usage: bash tools/gpu_run.sh [tests|bench|spread|kernel|profile|prefill|loadtest|serve ...]"; exit 2 ;;
 esac || failed="${failed:-}$what "  # each stage runs even when one before it failed
 done
 if [ -n "${failed:-}" ]; then echo "failed: $failed"; exit 1; fi

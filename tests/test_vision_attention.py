@@ -1,0 +1,57 @@
+"""The vision encoder's split attention computes what transformers' masked `sdpa` computes."""
+
+import pytest
+import torch
+from PIL import Image
+
+from llama_vision_helpers.generation import prepare_inputs, user_message
+from llama_vision_helpers.vision_attention import NAME, padding_positions, split_mask_attention
+
+
+@pytest.fixture
+def two_images(vlm):
+    """Inputs for two images at once: a wide one that leaves a tile empty, and a square one that fills all four."""
+    parts = [prepare_inputs(vlm, [user_message("Describe.", True)], image)
+             for image in (Image.new("RGB", (240, 110), "white"), Image.effect_noise((100, 100), 60).convert("RGB"))]
+    inputs = {name: torch.cat([part[name] for part in parts]) for name in parts[0].keys()}
+    assert inputs["aspect_ratio_mask"].sum(-1).flatten().tolist() == [3, 4]  # one image with an empty tile
+    return inputs
+
+
+def vision_states(vlm, inputs, implementation: str) -> torch.Tensor:
+    config = vlm.model.model.vision_model.config
+    saved, config._attn_implementation = config._attn_implementation, implementation
+    try:
+        with torch.inference_mode():
+            return vlm.model.model.vision_model(
+                pixel_values=inputs["pixel_values"], aspect_ratio_ids=inputs["aspect_ratio_ids"],
+                aspect_ratio_mask=inputs["aspect_ratio_mask"]).last_hidden_state
+    finally:
+        config._attn_implementation = saved
+
+
+def test_load_model_uses_the_split_attention(vlm):
+    assert vlm.model.model.vision_model.config._attn_implementation == NAME
+
+
+def test_split_attention_equals_masked_sdpa_with_and_without_empty_tiles(vlm, two_images):
+    split, masked = vision_states(vlm, two_images, NAME), vision_states(vlm, two_images, "sdpa")
+    assert split.shape == masked.shape
+    torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_the_padding_is_read_from_the_mask():
+    padding = torch.tensor([[False, False, True, True], [False, False, False, False]])
+    mask = (padding[:, :, None] & padding[:, None, :]).float()[:, None] * torch.finfo(torch.float32).min
+    (rows, first), none = padding_positions(mask)
+    assert rows.tolist() == [2, 3] and first == 2 and none is None
+
+
+def test_any_other_mask_goes_to_transformers_sdpa():
+    causal = torch.full((4, 4), torch.finfo(torch.float32).min).triu(1)[None, None]
+    assert padding_positions(causal) is None
+    query, key, value = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    module = torch.nn.Module()
+    out, _ = split_mask_attention(module, query, key, value, causal, scaling=0.5)
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=causal, scale=0.5)
+    torch.testing.assert_close(out, expected.transpose(1, 2))

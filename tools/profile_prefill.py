@@ -1,0 +1,165 @@
+"""Where a crowd's time goes on the GPU: an image prompt's prefill (vision encoder, projector, language model; the
+vision encoder's split attention against transformers' masked sdpa) and the batched decode step (elementwise work
+eager or compiled) and the attention backends for the vision encoder's shape.
+
+Run on a GPU machine:  python3 tools/profile_prefill.py [--out DIR]   (random-weight 11B checkpoint, bf16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from llama_vision_helpers.batch_decode import BatchDecoder, SlotRequest
+from llama_vision_helpers.bench import random_weights_checkpoint
+from llama_vision_helpers.generation import prepare_inputs, user_message
+from llama_vision_helpers.loadtest import QUESTION, synthetic_image
+from llama_vision_helpers.model import load_model
+from llama_vision_helpers.vision_attention import NAME
+
+def cuda_ms(fn, repeats: int = 5) -> float:
+    """Median milliseconds of `fn` on the GPU (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def batch_inputs(vlm, rows: int) -> dict:
+    parts = [prepare_inputs(vlm, [user_message(QUESTION, True)], synthetic_image(i)) for i in range(rows)]
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0].keys()}
+
+
+def split_prefill(model, inputs: dict) -> dict:
+    """Milliseconds of one prefill and of its vision encoder and projector (CUDA events around the modules)."""
+    marks: dict[str, list] = defaultdict(list)
+    handles = []
+    for name, module in (("vision", model.model.vision_model), ("projector", model.model.multi_modal_projector)):
+        def before(_module, _args, name=name):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks[name].append([event])
+
+        def after(_module, _args, _output, name=name):
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks[name][-1].append(event)
+
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        total = cuda_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    parts = {name: sorted(a.elapsed_time(b) for a, b in pairs[1:])[len(pairs[1:]) // 2] for name, pairs in marks.items()}
+    return {"total_ms": round(total, 2), **{f"{k}_ms": round(v, 2) for k, v in parts.items()},
+            "language_model_ms": round(total - sum(parts.values()), 2)}
+
+
+def top_kernels(fn, count: int = 12) -> list[str]:
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"total {total / 1000:.1f} ms in {sum(e.count for e in events)} kernels"]
+    for event in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:count]:
+        lines.append(f"{event.self_device_time_total / 1000:8.2f} ms {event.count:5}x  {event.key[:100]}")
+    return lines
+
+
+def attention_backends(images: int = 8) -> dict:
+    """Milliseconds of the vision encoder's unmasked attention (16 heads of 80 over 4 tiles) per backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(images, 16, 6432, 80, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    result = {}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                result[backend.name] = round(cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)), 2)
+        except RuntimeError as err:
+            result[backend.name] = repr(err)[:100]
+    print("attention backends,", images, "images:", result, flush=True)
+    return result
+
+
+def decode_steps(model, inputs: dict, compile_elementwise: bool, rows_list=(1, 8, 32)) -> dict:
+    """Step milliseconds of the batched decoder with `rows` image requests running, its warm-up seconds, and the
+    top kernels of a step with the most rows."""
+    start = time.perf_counter()
+    decoder = BatchDecoder(model, max_batch=max(rows_list), compile_elementwise=compile_elementwise)
+    decoder.warm_up()
+    torch.cuda.synchronize()
+    result = {"warm_up_s": round(time.perf_counter() - start, 1)}
+    one = {name: value[:1] for name, value in inputs.items()}
+    for rows in rows_list:
+        while decoder.free_slots < decoder.max_batch:
+            decoder.discard(decoder.running)
+        decoder.admit([SlotRequest(one, max_new_tokens=10_000, min_new_tokens=10_000) for _ in range(rows)])
+        for _ in range(3):
+            decoder.step()
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        for _ in range(20):
+            decoder.step()
+        torch.cuda.synchronize()
+        result[f"step_{rows}_rows_ms"] = round((time.perf_counter() - begin) / 20 * 1000, 2)
+    result["kernels_of_a_step"] = top_kernels(decoder.step, 8)
+    print(f"compiled {compile_elementwise}", json.dumps(result, indent=1), flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args()
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    vlm = load_model(str(random_weights_checkpoint("11b")), backend="transformers", dtype=torch.bfloat16)
+    model = vlm.model
+    report["attn_implementation"] = model.config.vision_config._attn_implementation
+    one, eight = batch_inputs(vlm, 1), batch_inputs(vlm, 8)
+    config = model.model.vision_model.config
+    with torch.inference_mode():
+        logits = {}
+        for name in (NAME, "sdpa"):  # the vision encoder's split attention (load_model's), transformers' own
+            config._attn_implementation = name
+            logits[name] = model(**one, use_cache=True, logits_to_keep=1).logits.float()
+            report[f"prefill_{name}"] = {"1_image": split_prefill(model, one), "8_images": split_prefill(model, eight)}
+            report[f"prefill_kernels_1_image_{name}"] = top_kernels(lambda: model(**one, use_cache=True, logits_to_keep=1))
+            print(name, json.dumps(report[f"prefill_{name}"]), *report[f"prefill_kernels_1_image_{name}"], sep="\n",
+                  flush=True)
+        config._attn_implementation = NAME
+        reference = logits["sdpa"]
+        report["prefill_logits_max_diff_of_max"] = round(float((logits[NAME] - reference).abs().max()
+                                                               / reference.abs().max()), 4)
+        report["vision_attention_backends_ms"] = attention_backends()
+        for compiled in (False, True):
+            key = f"decode_compiled_{compiled}"
+            try:
+                report[key] = decode_steps(model, one, compiled)
+            except Exception as err:
+                report[key] = {"error": repr(err)[:300]}
+                print(key, repr(err), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_prefill.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
