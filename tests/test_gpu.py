@@ -51,6 +51,30 @@ def test_fast_loop_with_cuda_graph_matches_generate_in_float32(photo):
     assert all(state.graph is not None for state in decoder._states.values())
 
 
+def test_batched_decoder_with_graphs_and_compiled_steps_gives_each_request_its_solo_answer(photo):
+    """The room's decode path on the GPU (a CUDA graph per batch bucket, elementwise work compiled for every shape)
+    in float32: requests with and without an image, of different lengths, joining as others leave."""
+    import torch
+
+    from llama_vision_helpers.batch_decode import BatchDecoder, SlotRequest
+    from llama_vision_helpers.fast_decode import _EAGER_OPS
+    from llama_vision_helpers.generation import prepare_inputs, user_message
+
+    vlm = load_model("tiny-random", backend="transformers", load_in_4bit=False, dtype=torch.float32)
+    conversations = [(user_message("Describe the image.", with_image=True), photo, 30),
+                     (user_message("Tell me a story about a fox.", with_image=False), None, 12),
+                     (user_message("What colour is it?", with_image=True), photo.rotate(90, expand=True), 21)] * 2
+    inputs = [(prepare_inputs(vlm, [message], image), n) for message, image, n in conversations]
+    decoder = BatchDecoder(vlm.model, max_batch=4)
+    assert decoder.fast.use_cuda_graph and decoder.fast._ops is not _EAGER_OPS
+    decoder.warm_up()
+    requests = decoder.run([SlotRequest(one, max_new_tokens=n) for one, n in inputs])
+    for (one, n), request in zip(inputs, requests):
+        solo = vlm.model.generate(**one, max_new_tokens=n, do_sample=False)[0, one["input_ids"].shape[1]:]
+        assert request.tokens == solo.tolist()
+    assert any(state.graph is not None for state in decoder._states.values())
+
+
 def test_fast_loop_on_4bit_backends_streams_and_batches(gpu_vlm, photo, capsys):
     answer = describe_image(gpu_vlm, photo, max_new_tokens=16, seed=0, fast=True)
     assert capsys.readouterr().out == answer + "\n"
