@@ -157,10 +157,8 @@ class FastDecoder:
         ops, batch = self._ops, hidden.shape[0]
         hidden, x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         q, k, v = self.project(index, "qkv", x)
-        q, k, v = ops.rotary(q, k, v, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
-        where = state.position.view(-1, 1, 1, 1).expand_as(k)  # each row at its own position
-        state.keys[index].scatter_(2, where, k)
-        state.values[index].scatter_(2, where, v)
+        q = ops.rotary_and_cache(q, k, v, cos, sin, state.keys[index], state.values[index], state.position,
+                                 self.num_heads, self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q, state.keys[index], state.values[index], attn_mask=mask,
                                              scale=layer.self_attn.scaling, enable_gqa=True)
         (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
@@ -411,18 +409,22 @@ class _Ops:
         return _Ops.rms_norm(q, weight, eps)
 
     @staticmethod
-    def rotary(q, k, v, cos, sin, num_heads: int, num_kv_heads: int, head_dim: int):
-        """Queries, keys and values as (rows, heads, 1, head_dim), the rotary embedding applied to queries and keys
-        (x*cos + rotate_half(x)*sin, where rotate_half(x)*sin == roll(x, half)*sin_signed). The cache write stays
-        outside: compiled, writing into the cache would copy all of it."""
+    def rotary_and_cache(q, k, v, cos, sin, keys, values, position, num_heads: int, num_kv_heads: int,
+                         head_dim: int):
+        """Rotary embedding of queries and keys (x*cos + rotate_half(x)*sin, where rotate_half(x)*sin ==
+        roll(x, half)*sin_signed), keys and values written into the cache at each row's position; returns the
+        queries. The write is an index assignment, which inductor does in place (a scatter made it copy the whole
+        cache)."""
         batch = q.shape[0]
         q = q.view(batch, 1, num_heads, head_dim).transpose(1, 2)
         k = k.view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
-        v = v.view(batch, 1, num_kv_heads, head_dim).transpose(1, 2)
         qk = torch.cat([q, k], dim=1)
         qk = qk * cos + torch.roll(qk, head_dim // 2, dims=-1) * sin
         q, k = qk.split([num_heads, num_kv_heads], dim=1)
-        return q, k, v
+        rows = torch.arange(batch, device=position.device)
+        keys[rows, :, position] = k[:, :, 0]
+        values[rows, :, position] = v.view(batch, num_kv_heads, head_dim)
+        return q
 
     @staticmethod
     def silu_mul(gate, up):
@@ -443,7 +445,7 @@ def _compiled_ops(dynamic: bool = False) -> Any:
     what transformers computes. `dynamic`: one compilation serves every batch size and cache length (the batched
     decoder's many shapes) instead of one per shape."""
     compiled = _Ops()
-    for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary", "silu_mul", "gate_rows"):
+    for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary_and_cache", "silu_mul", "gate_rows"):
         setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=dynamic, fullgraph=True,
                                               options={"emulate_precision_casts": True}))
     return compiled
