@@ -282,6 +282,7 @@ class BatchDecoder:
                 key_positions=torch.arange(length, device=self.fast.device),
                 keys={i: k[:batch, :, :length] for i, k in self.keys.items()},
                 values={i: v[:batch, :, :length] for i, v in self.values.items()},
+                write_keys=self.keys, write_values=self.values,
                 cross_keys={i: k[:batch] for i, k in self.cross_keys.items()} if with_image else {},
                 cross_values={i: v[:batch] for i, v in self.cross_values.items()} if with_image else {},
                 cross_mask=self.cross_mask[:batch] if with_image else None,

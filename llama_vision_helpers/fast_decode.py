@@ -49,6 +49,10 @@ class _State:
     row_mask: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     graph: Any = None
+    # where new keys/values are written, when `keys`/`values` are views of larger buffers (the batched decoder's
+    # slots): written in place into the buffers themselves, since a compiled write through a view copies it whole
+    write_keys: dict[int, torch.Tensor] | None = None
+    write_values: dict[int, torch.Tensor] | None = None
 
 
 class FastDecoder:
@@ -157,8 +161,9 @@ class FastDecoder:
         ops, batch = self._ops, hidden.shape[0]
         hidden, x = ops.add_rms_norm(hidden, delta, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         q, k, v = self.project(index, "qkv", x)
-        q = ops.rotary_and_cache(q, k, v, cos, sin, state.keys[index], state.values[index], state.position,
-                                 self.num_heads, self.num_kv_heads, self.head_dim)
+        q = ops.rotary_and_cache(q, k, v, cos, sin, (state.write_keys or state.keys)[index],
+                                 (state.write_values or state.values)[index], state.position, self.num_heads,
+                                 self.num_kv_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q, state.keys[index], state.values[index], attn_mask=mask,
                                              scale=layer.self_attn.scaling, enable_gqa=True)
         (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
