@@ -9,12 +9,13 @@ from llama_vision_helpers.vision_attention import NAME, padding_positions, split
 
 
 @pytest.fixture
-def two_images(vlm):
-    """Inputs for two images at once: a wide one that leaves a tile empty, and a square one that fills all four."""
+def images(vlm):
+    """Inputs for three images at once: two wide ones that leave a tile empty, a square one that fills all four."""
+    noise = Image.effect_noise((240, 110), 60).convert("RGB")
     parts = [prepare_inputs(vlm, [user_message("Describe.", True)], image)
-             for image in (Image.new("RGB", (240, 110), "white"), Image.effect_noise((100, 100), 60).convert("RGB"))]
+             for image in (Image.new("RGB", (240, 110), "white"), noise.resize((100, 100)), noise)]
     inputs = {name: torch.cat([part[name] for part in parts]) for name in parts[0].keys()}
-    assert inputs["aspect_ratio_mask"].sum(-1).flatten().tolist() == [3, 4]  # one image with an empty tile
+    assert inputs["aspect_ratio_mask"].sum(-1).flatten().tolist() == [3, 4, 3]  # two with an empty tile
     return inputs
 
 
@@ -34,8 +35,8 @@ def test_load_model_uses_the_split_attention(vlm):
     assert vlm.model.model.vision_model.config._attn_implementation == NAME
 
 
-def test_split_attention_equals_masked_sdpa_with_and_without_empty_tiles(vlm, two_images):
-    split, masked = vision_states(vlm, two_images, NAME), vision_states(vlm, two_images, "sdpa")
+def test_split_attention_equals_masked_sdpa_with_and_without_empty_tiles(vlm, images):
+    split, masked = vision_states(vlm, images, NAME), vision_states(vlm, images, "sdpa")
     assert split.shape == masked.shape
     torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)
 
