@@ -113,10 +113,9 @@ class BatchDecoder:
 
     def __init__(self, model: Any, *, max_batch: int, slot_length: int = DEFAULT_SLOT_LENGTH,
                  use_cuda_graph: bool | None = None, compile_elementwise: bool | None = None) -> None:
-        # the elementwise work (compiled on CUDA unless told otherwise) is compiled for symbolic shapes: one
-        # compilation for every batch bucket and cache length, done in `warm_up`, so that no running request waits
-        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph, compile_elementwise=compile_elementwise,
-                                dynamic_shapes=True)
+        # the elementwise work is compiled on CUDA unless told otherwise; `warm_up` runs every batch bucket once, so
+        # that the compilations (a first shape, then sizes made symbolic) happen before any request arrives
+        self.fast = FastDecoder(model, use_cuda_graph=use_cuda_graph, compile_elementwise=compile_elementwise)
         self.model = model
         self.max_batch, self.slot_length = max_batch, min(slot_length, self.fast.max_positions)
         self.buckets = bucket_sizes(max_batch)

@@ -59,7 +59,7 @@ class FastDecoder:
     """Decode for one loaded MllamaForConditionalGeneration; keep one per model (graphs are reused)."""
 
     def __init__(self, model: Any, *, use_cuda_graph: bool | None = None, use_nf4_kernel: bool | None = None,
-                 compile_elementwise: bool | None = None, dynamic_shapes: bool = False) -> None:
+                 compile_elementwise: bool | None = None) -> None:
         language_model = getattr(getattr(model, "model", None), "language_model", None)
         if language_model is None or not hasattr(model, "lm_head"):
             raise FastDecodeUnsupported("not an Mllama model")
@@ -92,7 +92,7 @@ class FastDecoder:
         # on a GPU, plain linears of a group are joined too (one product instead of three or two)
         self.dense_weights = self._join_dense_weights() if self.device.type == "cuda" else {}
         compile_ops = self.device.type == "cuda" if compile_elementwise is None else compile_elementwise
-        self._ops = _compiled_ops(dynamic_shapes) if compile_ops else _EAGER_OPS
+        self._ops = _compiled_ops() if compile_ops else _EAGER_OPS
 
     def _projection_groups(self, index: int, layer) -> dict[str, list]:
         """The linears of one layer, grouped by the input they share (each group is one product)."""
@@ -444,14 +444,15 @@ _EAGER_OPS = _Ops()
 
 
 @functools.cache
-def _compiled_ops(dynamic: bool = False) -> Any:
+def _compiled_ops() -> Any:
     """`_Ops` with each function compiled by inductor (one fused kernel or two each instead of up to ten), keeping
     eager's rounding to bf16 after every operation (`emulate_precision_casts`), so that the fused step computes
-    what transformers computes. `dynamic`: one compilation serves every batch size and cache length (the batched
-    decoder's many shapes) instead of one per shape."""
+    what transformers computes. One set for every decoder of the process: the first shape a function sees is
+    compiled as it is, and a size that changes later is made symbolic (one more compilation serves every batch
+    size and cache length), so that a long session never runs into the recompilation limit."""
     compiled = _Ops()
     for name in ("add_rms_norm", "gated_add_rms_norm", "head_rms_norm", "rotary_and_cache", "silu_mul", "gate_rows"):
-        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=dynamic, fullgraph=True,
+        setattr(compiled, name, torch.compile(getattr(_Ops, name), dynamic=None, fullgraph=True,
                                               options={"emulate_precision_casts": True}))
     return compiled
 

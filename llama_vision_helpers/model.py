@@ -301,7 +301,7 @@ def _load_transformers(source: str, load_in_4bit: bool, device_map: Any, dtype: 
         device_map = "auto" if on_gpu else "cpu"
     model = MllamaForConditionalGeneration.from_pretrained(source, dtype=dtype, device_map=device_map, **kwargs)
     model.eval()
-    use_split_mask_attention(model)  # same answers, the vision encoder's attention on the fastest kernel
+    use_split_mask_attention(model)  # same answers up to rounding, the vision attention on the fastest kernel
     processor = AutoProcessor.from_pretrained(source)
     return model, processor
 

@@ -21,16 +21,16 @@ _CACHED = "_split_mask_padding"  # where a mask keeps what was read from it: eve
 
 
 def padding_positions(mask: torch.Tensor) -> list[tuple[torch.Tensor, int] | None] | None:
-    """For an additive mask (batch, 1, L, L) that hides exactly the (padding, padding) pairs: per image, the indices
-    of its padding positions and the first of them (None for an image without padding). None when the mask has any
-    other pattern."""
+    """For an additive float mask (batch, 1, L, L) that is 0 everywhere but one negative value on exactly the
+    (padding, padding) pairs: per image, the indices of its padding positions and the first of them (None for an
+    image without padding). None for any other mask. Read once per mask (transformers builds one per forward pass)."""
     if hasattr(mask, _CACHED):
         return getattr(mask, _CACHED)
     result = None
-    if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
-        hidden = mask[:, 0] < 0
-        padding = hidden.diagonal(dim1=-2, dim2=-1)
-        if torch.equal(hidden, padding[:, :, None] & padding[:, None, :]):
+    if mask.is_floating_point() and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]:
+        padding = (mask[:, 0] < 0).diagonal(dim1=-2, dim2=-1)
+        pattern = padding[:, :, None] & padding[:, None, :]
+        if torch.equal(mask[:, 0], torch.where(pattern, mask.min(), 0.0)):
             result = []
             for row in padding:
                 rows = row.nonzero().squeeze(1)
@@ -46,7 +46,10 @@ def split_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
     returns (batch, L, heads, head_dim) as `sdpa_attention_forward` does."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    padding = padding_positions(attention_mask) if attention_mask is not None and not dropout else None
+    padding = None
+    if (attention_mask is not None and not dropout and attention_mask.shape[0] == query.shape[0]
+            and attention_mask.shape[-1] == key.shape[-2] and not (torch.is_grad_enabled() and query.requires_grad)):
+        padding = padding_positions(attention_mask)  # (written in place below, so not where gradients are wanted)
     if padding is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

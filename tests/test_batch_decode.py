@@ -1,5 +1,7 @@
 """The batched slot decoder on CPU (no graphs): every request gets the tokens it gets alone, whatever runs beside it."""
 
+import shutil
+
 import pytest
 import torch
 from PIL import Image
@@ -114,6 +116,7 @@ def test_bucket_sizes():
     assert bucket_sizes(1) == [1] and bucket_sizes(6) == [1, 2, 4, 6] and bucket_sizes(32) == [1, 2, 4, 8, 16, 32]
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="inductor needs a C++ compiler to compile for a CPU")
 def test_compiled_elementwise_work_gives_the_eager_tokens(vlm, mixed):
     """The GPU's step (elementwise work compiled for any batch size and cache length) against the eager step, with
     requests of different lengths joining and leaving; compiled here on the CPU."""

@@ -204,15 +204,17 @@ def served(engine, **app_options):
         thread.join(10)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def keyed_server(vlm):
-    """The API with a key."""
+    """The API with a key, served in this process."""
     from llama_vision_helpers.engine import Engine
 
     engine = Engine(vlm)
-    with served(engine, api_key="s3cret") as url:
-        yield url
-    engine.close()
+    try:
+        with served(engine, api_key="s3cret") as url:
+            yield url
+    finally:
+        engine.close()
 
 
 def test_the_api_key_is_enforced(keyed_server):

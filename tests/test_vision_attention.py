@@ -43,14 +43,33 @@ def test_split_attention_equals_masked_sdpa_with_and_without_empty_tiles(vlm, im
 
 def test_the_padding_is_read_from_the_mask():
     padding = torch.tensor([[False, False, True, True], [False, False, False, False]])
-    mask = (padding[:, :, None] & padding[:, None, :]).float()[:, None] * torch.finfo(torch.float32).min
-    (rows, first), none = padding_positions(mask)
+    (rows, first), none = padding_positions(mask_for(padding))
     assert rows.tolist() == [2, 3] and first == 2 and none is None
+
+
+def test_split_attention_is_used_for_the_vision_encoder_s_mask(vlm, images):
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+
+    vision = vlm.model.model.vision_model
+    tiles = images["aspect_ratio_mask"].reshape(3, -1)  # three images of four tiles, 17 patches a tile padded to 24
+    mask = _prepare_aspect_ratio_attention_mask(tiles, vision.num_patches, target_length=24, dtype=torch.float32)
+    padding = padding_positions(mask)
+    assert [None if p is None else p[0].numel() for p in padding] == [7 * 3 + 24, 7 * 4, 7 * 3 + 24]
+
+
+def mask_for(padding: torch.Tensor) -> torch.Tensor:
+    return (padding[:, :, None] & padding[:, None, :]).float()[:, None] * torch.finfo(torch.float32).min
 
 
 def test_any_other_mask_goes_to_transformers_sdpa():
     causal = torch.full((4, 4), torch.finfo(torch.float32).min).triu(1)[None, None]
-    assert padding_positions(causal) is None
+    padding = torch.tensor([[False, True, True, False]])
+    bias = mask_for(padding)
+    bias[0, 0, 0, 0] = 0.5  # a bias that is not 0 where nothing is hidden
+    two_values = mask_for(padding)
+    two_values[0, 0, 1, 1] = -1.0  # hidden, but not with the one value
+    for other in (causal, mask_for(padding) < 0, bias, two_values):
+        assert padding_positions(other) is None
     query, key, value = (torch.randn(1, 2, 4, 8) for _ in range(3))
     module = torch.nn.Module()
     out, _ = split_mask_attention(module, query, key, value, causal, scaling=0.5)

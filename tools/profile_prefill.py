@@ -23,6 +23,7 @@ from llama_vision_helpers.loadtest import QUESTION, synthetic_image
 from llama_vision_helpers.model import load_model
 from llama_vision_helpers.vision_attention import NAME
 
+
 def cuda_ms(fn, repeats: int = 5) -> float:
     """Median milliseconds of `fn` on the GPU (after one warm-up call)."""
     fn()
