@@ -17,25 +17,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from llama_vision_helpers.batch_decode import BatchDecoder, SlotRequest
-from llama_vision_helpers.bench import random_weights_checkpoint
+from llama_vision_helpers.bench import median_time, random_weights_checkpoint
 from llama_vision_helpers.generation import prepare_inputs, user_message
 from llama_vision_helpers.loadtest import QUESTION, synthetic_image
 from llama_vision_helpers.model import load_model
 from llama_vision_helpers.vision_attention import NAME
 
 
-def cuda_ms(fn, repeats: int = 5) -> float:
-    """Median milliseconds of `fn` on the GPU (after one warm-up call)."""
+def milliseconds(fn, repeats: int = 5) -> float:
+    """Median milliseconds of `fn`, the GPU's queued work included (after one warm-up call)."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return 1000 * median_time(fn, repeats)
 
 
 def batch_inputs(vlm, rows: int) -> dict:
@@ -60,7 +52,7 @@ def split_prefill(model, inputs: dict) -> dict:
 
         handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
     try:
-        total = cuda_ms(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
+        total = milliseconds(lambda: model(**inputs, use_cache=True, logits_to_keep=1))
     finally:
         for handle in handles:
             handle.remove()
@@ -92,7 +84,8 @@ def attention_backends(images: int = 8) -> dict:
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         try:
             with sdpa_kernel([backend]):
-                result[backend.name] = round(cuda_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v)), 2)
+                attention = torch.nn.functional.scaled_dot_product_attention
+                result[backend.name] = round(milliseconds(lambda: attention(q, k, v)), 2)
         except RuntimeError as err:
             result[backend.name] = repr(err)[:100]
     print("attention backends,", images, "images:", result, flush=True)
