@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -56,7 +57,7 @@ def split_prefill(model, inputs: dict) -> dict:
     finally:
         for handle in handles:
             handle.remove()
-    parts = {name: sorted(a.elapsed_time(b) for a, b in pairs[1:])[len(pairs[1:]) // 2] for name, pairs in marks.items()}
+    parts = {name: statistics.median(a.elapsed_time(b) for a, b in pairs[1:]) for name, pairs in marks.items()}
     return {"total_ms": round(total, 2), **{f"{k}_ms": round(v, 2) for k, v in parts.items()},
             "language_model_ms": round(total - sum(parts.values()), 2)}
 
@@ -134,7 +135,8 @@ def main() -> None:
             config._attn_implementation = name
             logits[name] = model(**one, use_cache=True, logits_to_keep=1).logits.float()
             report[f"prefill_{name}"] = {"1_image": split_prefill(model, one), "8_images": split_prefill(model, eight)}
-            report[f"prefill_kernels_1_image_{name}"] = top_kernels(lambda: model(**one, use_cache=True, logits_to_keep=1))
+            report[f"prefill_kernels_1_image_{name}"] = top_kernels(
+                lambda: model(**one, use_cache=True, logits_to_keep=1))
             print(name, json.dumps(report[f"prefill_{name}"]), *report[f"prefill_kernels_1_image_{name}"], sep="\n",
                   flush=True)
         config._attn_implementation = NAME
