@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .fast_decode import LENGTH_BUCKET, FastDecoder, FastDecodeUnsupported, _State
+from .generation import inputs_to_device
 
 DEFAULT_SLOT_LENGTH = 4096  # tokens a slot holds (prompt + answer); the buffers are sized for it
 PREFILL_GROUP = 8  # prompts prefilled in one forward pass at most
@@ -177,10 +178,17 @@ class BatchDecoder:
 
     def _prefill(self, group: list[SlotRequest]) -> None:
         """One forward pass over prompts of one length and kind; copy each row's caches into a free slot."""
-        inputs = {name: torch.cat([r.inputs[name] for r in group]) for name in group[0].inputs.keys()}
-        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        rows = [r.inputs for r in group]
+        if any(value.device.type != "cpu" for row in rows for value in row.values()):  # else joined on the CPU
+            rows = [inputs_to_device(row, self.fast.device) for row in rows]
+        inputs = {name: torch.cat([row[name] for row in rows]) for name in rows[0].keys()}
+        output = self.fast.prefill_forward(inputs)
         cache, length = output.past_key_values, group[0].prompt_length
-        masks = self.fast.image_masks(inputs) if group[0].has_image else None
+        if group[0].has_image:
+            masks = self.fast.image_masks(inputs_to_device({"cross_attention_mask": inputs["cross_attention_mask"]},
+                                                           self.fast.device))
+        else:
+            masks = None
         for j, request in enumerate(group):
             row = self.slots.index(None)
             self.slots[row] = request
@@ -203,7 +211,12 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
         """Cancelled requests leave; every running request gets its next token; finished ones leave; the rest
-        go through the model once (so their next logits are ready for the following step)."""
+        go through the model once (so their next logits are ready for the following step).
+
+        The tokens are chosen on the device and the model step for them is queued before the host reads them
+        (a pinned copy and an event), so the host's bookkeeping overlaps the device's next step. A request that
+        ends on an end token has gone through that step once more for nothing; one that reaches its length limit
+        is known to end beforehand and is left out of it."""
         events = []
         for row, request in enumerate(self.slots):
             if request is not None and request.cancelled.is_set():
@@ -212,64 +225,92 @@ class BatchDecoder:
         rows = [row for row, request in enumerate(self.slots) if request is not None]
         if not rows:
             return events
-        for row, token in zip(rows, self._sample(rows)):
+        tokens = self._sample(rows)
+        read = self._read_later(tokens)
+        going_on = [i for i, row in enumerate(rows)
+                    if not self._at_length_limit(self.slots[row], len(self.slots[row].tokens) + 1)]
+        if going_on:
+            fed = tokens if len(going_on) == len(rows) else tokens[self._on_device(going_on)]
+            self._decode([rows[i] for i in going_on], fed)
+        for row, token in zip(rows, read()):
             request = self.slots[row]
             request.tokens.append(token)
             reason = self._finish_reason(request, token)
             if reason:
                 self._leave(row, reason)
             events.append(TokenEvent(request, token, reason))
-        if self.running:
-            self._decode()
         return events
 
-    def _sample(self, rows: list[int]) -> list[int]:
-        """Each row's next token from its logits: greedy, or temperature then min_p and a draw from the
-        request's own generator (one uniform number a row, so a row's draw does not depend on its neighbours)."""
+    def _on_device(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """A small host list on the device, copied without waiting for the device's queue (through pinned memory)."""
+        host = torch.tensor(values, dtype=dtype)
+        if self.fast.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.fast.device, non_blocking=True)
+
+    def _read_later(self, tokens: torch.Tensor):
+        """Queue the copy of `tokens` to the host; returns the function that waits for it (and only it)."""
+        if self.fast.device.type != "cuda":
+            return tokens.tolist
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> list[int]:
+            copied.synchronize()
+            return host.tolist()
+
+        return read
+
+    def _sample(self, rows: list[int]) -> torch.Tensor:
+        """Each row's next token from its logits, on the device: greedy, or temperature then min_p and a draw
+        from the request's own generator (one uniform number a row, so a row's draw does not depend on its
+        neighbours)."""
         requests = [self.slots[row] for row in rows]
-        logits = self.logits[torch.tensor(rows, device=self.logits.device)].float()
+        logits = self.logits[self._on_device(rows)].float()
         banned = [len(r.tokens) < r.min_new_tokens for r in requests]
         if self.eos and any(banned):
-            banned = torch.tensor(banned, device=logits.device)
+            banned = self._on_device(banned, torch.bool)
             logits[:, self.eos] = torch.where(banned[:, None], float("-inf"), logits[:, self.eos])
         tokens = logits.argmax(dim=-1)
         sampling = [r.do_sample for r in requests]
         if any(sampling):
-            settings = dict(dtype=torch.float32, device=logits.device)
-            temperature = torch.tensor([r.temperature if r.do_sample else 1.0 for r in requests], **settings)
-            min_p = torch.tensor([(r.min_p or 0.0) if r.do_sample else 0.0 for r in requests], **settings)
+            temperature = self._on_device([r.temperature if r.do_sample else 1.0 for r in requests], torch.float32)
+            min_p = self._on_device([(r.min_p or 0.0) if r.do_sample else 0.0 for r in requests], torch.float32)
             probs = torch.softmax(logits / temperature[:, None], dim=-1)
             probs = torch.where(probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values, probs, 0.0)
             cumulative = probs.cumsum(dim=-1)
-            draws = torch.cat([torch.rand(1, generator=r.generator) for r in requests]).to(**settings)
+            draws = self._on_device([float(torch.rand(1, generator=r.generator)) for r in requests], torch.float32)
             sampled = torch.searchsorted(cumulative, (draws * cumulative[:, -1])[:, None], right=True)
             sampled = sampled.squeeze(1).clamp(max=logits.shape[-1] - 1)
-            tokens = torch.where(torch.tensor(sampling, device=logits.device), sampled, tokens)
-        return tokens.tolist()
+            tokens = torch.where(self._on_device(sampling, torch.bool), sampled, tokens)
+        return tokens
+
+    def _at_length_limit(self, request: SlotRequest, produced: int) -> bool:
+        """Whether a request that has `produced` tokens ends there by length (its limit, or a full slot)."""
+        return produced >= request.max_new_tokens or request.prompt_length + produced > self.slot_length
 
     def _finish_reason(self, request: SlotRequest, token: int) -> str | None:
         if token in self.eos:
             return "stop"
-        if len(request.tokens) >= request.max_new_tokens or request.prompt_length + len(request.tokens) > self.slot_length:
-            return "length"
-        return None
+        return "length" if self._at_length_limit(request, len(request.tokens)) else None
 
-    def _decode(self) -> None:
-        """Feed every running row its last token at its position: one step over the smallest bucket that holds
-        the highest running row (free rows in it decode a dummy token at position 0 of their own rows)."""
-        tokens = torch.zeros(self.max_batch, dtype=torch.long)
-        positions = torch.zeros(self.max_batch, dtype=torch.long)
-        for row, request in enumerate(self.slots):
-            if request is not None:
-                tokens[row] = request.tokens[-1]
-                positions[row] = request.prompt_length + len(request.tokens) - 1
-        top = max(row for row, request in enumerate(self.slots) if request is not None) + 1
-        batch = next(size for size in self.buckets if size >= top)
-        length = min(self.slot_length, -(-(int(positions.max()) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
+    def _decode(self, rows: list[int], tokens: torch.Tensor) -> None:
+        """Feed `rows` their new `tokens` (on the device) at their next positions: one step over the smallest
+        bucket that holds the highest of them (the other rows in it decode token 0 at position 0 of their own
+        rows, which nothing reads)."""
+        positions = [0] * self.max_batch
+        for row in rows:
+            request = self.slots[row]
+            positions[row] = request.prompt_length + len(request.tokens)  # the new token's position
+        batch = next(size for size in self.buckets if size > max(rows))
+        length = min(self.slot_length, -(-(max(positions) + 1) // LENGTH_BUCKET) * LENGTH_BUCKET)
         with_image = any(request is not None and request.has_image for request in self.slots[:batch])
         state = self._state(batch, length, with_image)
-        state.input_ids.copy_(tokens[:batch].view(batch, 1))
-        state.position.copy_(positions[:batch])
+        state.input_ids.zero_()
+        state.input_ids[self._on_device(rows), 0] = tokens
+        state.position.copy_(self._on_device(positions[:batch]))
         self.fast._run_step(state)
 
     def _state(self, batch: int, length: int, with_image: bool) -> _State:

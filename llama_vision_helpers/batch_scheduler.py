@@ -1,7 +1,8 @@
 """The engine's batched scheduler: every running request decodes in the slots of one `BatchDecoder`.
 
 Between decode steps the scheduler takes waiting requests from the engine's queue while there are free slots
-(a request with `n` answers takes `n` slots), prefills them, and lets them join at the next step; each new token
+(a request with `n` answers takes `n` slots), up to one prefill's worth, prefills them, and lets them join at the
+next step (so a crowd arriving at once joins a prefill at a time while the running requests keep decoding); each new token
 goes to its request (which turns it into text and applies stop strings), and an answer that is over leaves its
 slot at once. While the slots are full, requests wait in the queue and learn their place from it.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .batch_decode import DEFAULT_SLOT_LENGTH, BatchDecoder, SlotRequest, TokenEvent, slots_that_fit
+from .batch_decode import DEFAULT_SLOT_LENGTH, PREFILL_GROUP, BatchDecoder, SlotRequest, TokenEvent, slots_that_fit
 
 if TYPE_CHECKING:
     from .engine import Engine, Request, Scheduler
@@ -48,9 +49,11 @@ class BatchScheduler:
                 held = engine.queue.take()  # idle: wait for work
                 if held is None:
                     return  # the engine closed
-            joining, free = [], self.decoder.free_slots
+            joining, free, room = [], self.decoder.free_slots, PREFILL_GROUP
             while True:
-                if held is None and free:  # with no free slot the next request keeps its place in the queue
+                # with no free slot the next request keeps its place in the queue; with a prefill's worth joining,
+                # the running requests get their next token before more join
+                if held is None and free and room > 0:
                     held = engine.queue.take_nowait()
                 if held is None:
                     break
@@ -59,6 +62,7 @@ class BatchScheduler:
                                              f"decodes {self.decoder.max_batch} at a time: ask for fewer"))
                 elif held.sampling.num_samples <= free:
                     free -= held.sampling.num_samples
+                    room -= held.sampling.num_samples
                     joining.append(held)
                 else:
                     break  # it keeps its turn until enough slots are free

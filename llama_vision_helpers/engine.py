@@ -3,7 +3,8 @@
 Everything that generates for more than one caller (the HTTP server, the chat app) goes through an `Engine`, so a
 room shares one model and one GPU. The engine is in three pieces:
 
-- `Request`: one caller's work, fully prepared: the model inputs (prompt tokens and image, on the model's device),
+- `Request`: one caller's work, fully prepared: the model inputs (prompt tokens and image, prepared on the CPU,
+  so that preparing never waits for the GPU's queue; the scheduler moves them when the request's turn comes),
   the `Sampling` settings (seed, stop strings and token limit included), a cancel flag, and the sink the scheduler
   writes into. The caller reads `Event`s back (`Queued`, `Delta`, `Done`, `Failed`), by iterating the request or
   through its own callback.
@@ -30,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from .defaults import DEFAULT_SETTINGS
-from .generation import PromptTooLong, check_fits_context, check_sampling, context_length, prepare_inputs
+from .generation import (PromptTooLong, check_fits_context, check_sampling, context_length, inputs_to_device,
+                         prepare_inputs)
 from .model import VisionModel
 
 # --- what a request carries -----------------------------------------------------------------------------
@@ -395,7 +397,7 @@ class SerialScheduler:
 
         eos = _eos_ids(vlm)
         new_tokens = generate_token_ids(
-            vlm, request.inputs, streamer=Sink() if single else None, seed=sampling.seed,
+            vlm, inputs_to_device(request.inputs, vlm.device), streamer=Sink() if single else None, seed=sampling.seed,
             num_samples=sampling.num_samples, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, min_p=sampling.min_p, do_sample=sampling.do_sample,
             stopping_criteria=StoppingCriteriaList([Stop()]),
@@ -444,12 +446,12 @@ class Engine:
 
     def prepare(self, messages: list[dict], image: Any, sampling: Sampling, *,
                 on_event: Callable[[Event], Any] | None = None, fit_max_tokens: bool = False) -> Request:
-        """Tokenize and preprocess on the caller's thread (not yet queued: `queue.put` it).
+        """Tokenize and preprocess on the caller's thread, on the CPU (not yet queued: `queue.put` it).
 
         Refuses a prompt that does not fit the context with the answer it asks for; `fit_max_tokens` instead
         lowers the token limit to what fits (for callers that did not choose one).
         """
-        inputs = prepare_inputs(self.vlm, messages, image)
+        inputs = prepare_inputs(self.vlm, messages, image, device="cpu")  # moved to the GPU when its turn comes
         prompt_tokens = int(inputs["input_ids"].shape[1])
         room = self.context_length - prompt_tokens
         if fit_max_tokens and 1 <= room < sampling.max_new_tokens:

@@ -263,13 +263,26 @@ class FastDecoder:
             dtype=self.dtype)
         return cross_mask, row_mask[:, 0]
 
+    def prefill_forward(self, inputs: dict) -> Any:
+        """The model's forward pass over prompts (one row each, no padding) with their images, keeping the caches
+        and the last logits; inputs on the CPU move to the model's device without waiting for its queue.
+
+        An attention mask of ones is left out: it changes nothing, but transformers would read it on the host in
+        the middle of the pass, after the vision encoder, and the CPU would launch the language model only then."""
+        from .generation import inputs_to_device
+
+        mask = inputs.get("attention_mask")
+        if mask is not None and bool(mask.all()):  # read before the pass: on the CPU, or while the queue is short
+            inputs = {name: value for name, value in inputs.items() if name != "attention_mask"}
+        return self.model(**inputs_to_device(inputs, self.device), use_cache=True, logits_to_keep=1)
+
     def _prefill(self, inputs: dict, batch: int, max_new_tokens: int) -> tuple[_State, torch.Tensor]:
         """Run the prompt (and image) through the model once, fill the fixed buffers, return the last logits."""
         prompt_length = inputs["input_ids"].shape[1]
         length = -(-(prompt_length + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         if length > self.max_positions:
             raise FastDecodeUnsupported("prompt and answer are longer than the model's context")
-        output = self.model(**inputs, use_cache=True, logits_to_keep=1)
+        output = self.prefill_forward(inputs)
         cache = output.past_key_values
         has_image = inputs.get("cross_attention_mask") is not None and inputs.get("pixel_values") is not None
         vision_tokens = cache.layers[min(self.cross_layers)].keys.shape[2] if has_image else None

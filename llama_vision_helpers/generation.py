@@ -104,10 +104,11 @@ def render_prompt(processor: Any, messages: list[dict]) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def prepare_inputs(vlm: VisionModel, messages: list[dict], image: Any = None):
-    """Tokenize the templated prompt and preprocess the image, on the model's device.
+def prepare_inputs(vlm: VisionModel, messages: list[dict], image: Any = None, *, device: Any = None):
+    """Tokenize the templated prompt and preprocess the image, on `device` (default: the model's).
 
-    The template already starts with `<|begin_of_text|>`, so the tokenizer must not add another.
+    The template already starts with `<|begin_of_text|>`, so the tokenizer must not add another. A server prepares
+    on the CPU (`device="cpu"`) and moves the inputs with `inputs_to_device` when their turn comes.
     """
     prompt = render_prompt(vlm.processor, messages)
     inputs = vlm.processor(
@@ -116,7 +117,19 @@ def prepare_inputs(vlm: VisionModel, messages: list[dict], image: Any = None):
         add_special_tokens=False,
         return_tensors="pt",
     )
-    return inputs.to(vlm.device)
+    return inputs.to(vlm.device if device is None else device)
+
+
+def inputs_to_device(inputs: Any, device: Any) -> dict:
+    """`inputs` (name -> tensor) on `device`. From the CPU to a GPU through pinned memory, without waiting: a
+    plain copy from pageable memory first waits for all the work queued on the GPU (a batch's prefill, say)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {name: value.to(device) for name, value in inputs.items()}
+    return {name: value.pin_memory().to(device, non_blocking=True) if value.device.type == "cpu" else value.to(device)
+            for name, value in inputs.items()}
 
 
 def _tokenizer(processor: Any):

@@ -16,10 +16,10 @@ import time
 import uuid
 from typing import Any, AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Delta, Done, Engine, EngineBusy, EngineClosed, Failed, PromptTooLong, Queued, Sampling
@@ -29,6 +29,9 @@ from .wire import API_KEY_ENV, DEFAULT_PORT, Limits, WireError, decode_image_url
 
 MAX_STOP = 4
 DISCONNECT_POLL_S = 0.5
+# Images decoded and preprocessed at once. Each takes a core (and the interpreter lock part of the time); with
+# more, a crowd's requests finish preparing together, late, instead of one after another from the first.
+PREPARE_WORKERS = 2
 
 class ChatCompletionRequest(BaseModel):
     """The fields of OpenAI's chat completion request this server honours; others are accepted and ignored."""
@@ -78,11 +81,18 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: bool = False,
-               limits: Limits = Limits()) -> FastAPI:
-    """The API over a running engine (not yet served: `serve` runs it with uvicorn)."""
+               limits: Limits = Limits(), prepare_workers: int = PREPARE_WORKERS) -> FastAPI:
+    """The API over a running engine (not yet served: `serve` runs it with uvicorn). `prepare_workers`: requests
+    whose image is decoded and preprocessed at once; the others wait their turn in order of arrival."""
     app = FastAPI(title="llama-vision", docs_url=None, redoc_url=None, openapi_url=None)
     served_name = engine.model_name
     created = int(time.time())
+    limiter: list[anyio.CapacityLimiter] = []  # made on first use, inside the server's event loop
+
+    def preparing() -> anyio.CapacityLimiter:
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(prepare_workers))
+        return limiter[0]
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
@@ -117,14 +127,17 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
             messages, urls = from_openai_messages(params.messages)
             check_conversation(messages, has_image=bool(urls))
             sampling = params.sampling()
-            image = (await run_in_threadpool(decode_image_url, urls[0], allow_http=allow_image_urls,
-                                             max_pixels=limits.max_image_pixels)) if urls else None
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
-            prepared = await run_in_threadpool(
-                engine.prepare, messages, image, sampling, fit_max_tokens=params.max_tokens is None and
-                params.max_completion_tokens is None,
-                on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+            def decode_and_prepare():
+                image = decode_image_url(urls[0], allow_http=allow_image_urls,
+                                         max_pixels=limits.max_image_pixels) if urls else None
+                return engine.prepare(messages, image, sampling, fit_max_tokens=params.max_tokens is None and
+                                      params.max_completion_tokens is None,
+                                      on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+
+            prepared = await anyio.to_thread.run_sync(decode_and_prepare, limiter=preparing())
             engine.queue.put(prepared)
         except WireError as err:
             return JSONResponse(err.body(), status_code=err.status)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "mllama_vision_split"  # the attention implementation's name in transformers' AttentionInterface
+FEW_ROWS = 256  # padding rows of an image (7 a tile when every tile is used) computed as products, not fused
 _CACHED = "_split_mask_padding"  # where a mask keeps what was read from it: every layer of a forward pass shares it
 
 
@@ -54,15 +55,33 @@ def split_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = F.scaled_dot_product_attention(query, key, value, scale=scaling)  # rows of real patches: no mask at all
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     for image, positions in enumerate(padding):
         if positions is None:
             continue
         rows, first = positions  # padding rows see the real keys only: any padding row of the mask says which
-        part = F.scaled_dot_product_attention(query[image:image + 1, :, rows], key[image:image + 1],
-                                              value[image:image + 1],
-                                              attention_mask[image:image + 1, :, first:first + 1], scale=scaling)
-        out[image].index_copy_(1, rows, part[0])
+        rows_query, one_key, one_value = query[image:image + 1, :, rows], key[image:image + 1], value[image:image + 1]
+        key_mask = attention_mask[image:image + 1, :, first:first + 1]  # (1, 1, 1, L)
+        if len(rows) <= FEW_ROWS:
+            part = _few_rows_attention(rows_query[0], one_key[0], one_value[0], key_mask[0, 0], scale)
+        else:
+            part = F.scaled_dot_product_attention(rows_query, one_key, one_value, key_mask, scale=scale)[0]
+        out[image].index_copy_(1, rows, part)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _few_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """Attention of a few rows (heads, rows, head_dim) over every key as three batched products. A fused kernel
+    gives each head's few rows to one multiprocessor, which then walks all 6,432 keys alone; a product spreads the
+    keys over the whole GPU. Scores and softmax in float32 (as in a fused kernel), probabilities times values in
+    the inputs' precision."""
+    if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
+        scores = torch.bmm(query, key.transpose(1, 2), out_dtype=torch.float32)
+    else:  # (a float32 result from half-precision inputs without copies exists on CUDA only)
+        scores = torch.bmm(query.float(), key.transpose(1, 2).float())
+    probs = torch.softmax(scores.mul_(scale).add_(key_mask), dim=-1)
+    return torch.bmm(probs.to(value.dtype), value)
 
 
 def use_split_mask_attention(model: Any) -> bool:

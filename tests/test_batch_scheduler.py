@@ -130,6 +130,32 @@ def test_a_failing_request_is_reported_and_the_others_keep_going(vlm, conversati
         engine.close()
 
 
+def test_a_crowd_joins_a_prefill_at_a_time(vlm, conversations, monkeypatch):
+    """Five waiting requests, two a prefill: they join in three groups, with decode steps between, and each
+    still gets its solo answer."""
+    from llama_vision_helpers import batch_scheduler
+
+    monkeypatch.setattr(batch_scheduler, "PREFILL_GROUP", 2)
+    joined = []
+
+    class Recording(Gated):
+        def _admit(self, requests):
+            joined.append(len(requests))
+            super()._admit(requests)
+
+    gate = threading.Event()
+    engine = Engine(vlm, Recording(gate, max_batch=5))
+    try:
+        requests = [engine.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
+                    for messages, image, n in conversations]
+        gate.set()
+        for request, (messages, image, n) in zip(requests, conversations):
+            assert text_of(list(request)) == solo(vlm, messages, image, n)
+        assert [size for size in joined if size] == [2, 2, 1]
+    finally:
+        engine.close()
+
+
 def test_the_scheduler_is_chosen_from_max_batch(vlm):
     from llama_vision_helpers.batch_scheduler import scheduler_for
     from llama_vision_helpers.engine import SerialScheduler

@@ -121,3 +121,21 @@ def test_joined_plain_linears_keep_the_tokens(vlm, photo):
     inputs = image_inputs(vlm, photo)
     expected = vlm.model.generate(**inputs, max_new_tokens=24, do_sample=False)
     assert torch.equal(decoder.generate(inputs, max_new_tokens=24, do_sample=False), expected)
+
+
+def test_the_prefill_leaves_out_only_a_mask_of_ones(vlm, photo, monkeypatch):
+    """A mask of ones changes nothing (and would make transformers read it mid-pass); a padded one is kept."""
+    decoder = FastDecoder(vlm.model)
+    seen = []
+    model = decoder.model
+    monkeypatch.setattr(decoder, "model", lambda **inputs: seen.append(sorted(inputs)) or model(**inputs))
+    inputs = prepare_inputs(vlm, [user_message("Describe the image.", with_image=True)], photo, device="cpu")
+    padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
+    padded["attention_mask"][0, 0] = 0
+    with torch.inference_mode():
+        plain = decoder.prefill_forward(inputs).logits
+        kept = decoder.prefill_forward(padded).logits
+        expected = model(**inputs, use_cache=True, logits_to_keep=1).logits
+    assert "attention_mask" not in seen[0] and "attention_mask" in seen[1]
+    torch.testing.assert_close(plain, expected, atol=0, rtol=0)
+    assert not torch.equal(kept, plain)  # the kept mask did hide a token

@@ -58,21 +58,49 @@ def test_batched_decoder_with_graphs_and_compiled_steps_gives_each_request_its_s
 
     from llama_vision_helpers.batch_decode import BatchDecoder, SlotRequest
     from llama_vision_helpers.fast_decode import _EAGER_OPS
-    from llama_vision_helpers.generation import prepare_inputs, user_message
+    from llama_vision_helpers.generation import inputs_to_device, prepare_inputs, user_message
 
     vlm = load_model("tiny-random", backend="transformers", load_in_4bit=False, dtype=torch.float32)
     conversations = [(user_message("Describe the image.", with_image=True), photo, 30),
                      (user_message("Tell me a story about a fox.", with_image=False), None, 12),
                      (user_message("What colour is it?", with_image=True), photo.rotate(90, expand=True), 21)] * 2
-    inputs = [(prepare_inputs(vlm, [message], image), n) for message, image, n in conversations]
+    # half prepared on the CPU, as the server prepares them (the prefill moves them without waiting)
+    inputs = [(prepare_inputs(vlm, [message], image, device="cpu" if i % 2 else None), n)
+              for i, (message, image, n) in enumerate(conversations)]
     decoder = BatchDecoder(vlm.model, max_batch=4)
     assert decoder.fast.use_cuda_graph and decoder.fast._ops is not _EAGER_OPS
     decoder.warm_up()
     requests = decoder.run([SlotRequest(one, max_new_tokens=n) for one, n in inputs])
     for (one, n), request in zip(inputs, requests):
-        solo = vlm.model.generate(**one, max_new_tokens=n, do_sample=False)[0, one["input_ids"].shape[1]:]
+        solo = vlm.model.generate(**inputs_to_device(one, vlm.device), max_new_tokens=n,
+                                  do_sample=False)[0, one["input_ids"].shape[1]:]
         assert request.tokens == solo.tolist()
     assert any(state.graph is not None for state in decoder._states.values())
+
+
+def test_split_vision_attention_follows_masked_sdpa_in_bf16(photo):
+    """The vision encoder's split attention on CUDA in bfloat16 (padding rows as products with float32 scores)
+    against transformers' masked `sdpa`, on images that fill four tiles and that leave tiles empty."""
+    import torch
+
+    from llama_vision_helpers.generation import prepare_inputs, user_message
+    from llama_vision_helpers.vision_attention import NAME
+
+    vlm = load_model("tiny-random", backend="transformers", load_in_4bit=False, dtype=torch.bfloat16)
+    parts = [prepare_inputs(vlm, [user_message("Describe.", True)], image)
+             for image in (photo, photo.resize((240, 110)), photo.resize((100, 100)))]
+    inputs = {name: torch.cat([part[name] for part in parts]) for name in ("pixel_values", "aspect_ratio_ids",
+                                                                          "aspect_ratio_mask")}
+    config = vlm.model.model.vision_model.config
+    states = {}
+    for implementation in (NAME, "sdpa"):
+        config._attn_implementation = implementation
+        with torch.inference_mode():
+            states[implementation] = vlm.model.model.vision_model(**inputs).last_hidden_state.float()
+    config._attn_implementation = NAME
+    difference = (states[NAME] - states["sdpa"]).abs().max() / states["sdpa"].abs().max()
+    print(f"split vs masked sdpa, bf16: max difference {difference:.2e} of max |state|")
+    assert difference < 2e-2
 
 
 def test_fast_loop_on_4bit_backends_streams_and_batches(gpu_vlm, photo, capsys):

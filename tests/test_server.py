@@ -228,6 +228,38 @@ def test_the_api_key_is_enforced(keyed_server):
     assert keyed.chat.completions.create(model="tiny-random", messages=ask(), temperature=0, max_tokens=2).choices
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_requests_are_prepared_a_few_at_a_time(vlm, monkeypatch, workers):
+    """Images are decoded and preprocessed by `prepare_workers` at once; the other requests wait their turn."""
+    from llama_vision_helpers.engine import Engine
+
+    engine = Engine(vlm)
+    lock, busy, most = threading.Lock(), [0], [0]
+    prepare = engine.prepare
+
+    def counting(*args, **kwargs):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        time.sleep(0.2)  # long enough for every request to have arrived
+        try:
+            return prepare(*args, **kwargs)
+        finally:
+            with lock:
+                busy[0] -= 1
+
+    monkeypatch.setattr(engine, "prepare", counting)
+    try:
+        with served(engine, prepare_workers=workers) as url:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+            with ThreadPoolExecutor(5) as pool:
+                answers = list(pool.map(lambda _: client.chat.completions.create(
+                    model="tiny-random", messages=ask(), temperature=0, max_tokens=2), range(5)))
+    finally:
+        engine.close()
+    assert len(answers) == 5 and most[0] == workers
+
+
 def test_the_server_binds_localhost_by_default():
     from llama_vision_helpers.cli import build_parser
 

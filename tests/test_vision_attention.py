@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from llama_vision_helpers import vision_attention
 from llama_vision_helpers.generation import prepare_inputs, user_message
 from llama_vision_helpers.vision_attention import NAME, padding_positions, split_mask_attention
 
@@ -35,7 +36,9 @@ def test_load_model_uses_the_split_attention(vlm):
     assert vlm.model.model.vision_model.config._attn_implementation == NAME
 
 
-def test_split_attention_equals_masked_sdpa_with_and_without_empty_tiles(vlm, images):
+@pytest.mark.parametrize("few_rows", [vision_attention.FEW_ROWS, 0], ids=["as-products", "fused-masked"])
+def test_split_attention_equals_masked_sdpa_with_and_without_empty_tiles(vlm, images, few_rows, monkeypatch):
+    monkeypatch.setattr(vision_attention, "FEW_ROWS", few_rows)  # padding rows by either way
     split, masked = vision_states(vlm, images, NAME), vision_states(vlm, images, "sdpa")
     assert split.shape == masked.shape
     torch.testing.assert_close(split, masked, atol=1e-5, rtol=1e-5)

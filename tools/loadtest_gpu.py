@@ -95,7 +95,8 @@ def time_parts(vlm, image_size: int, rows: int = 32) -> dict:
     urls = [image_data_url(synthetic_image(i, image_size)) for i in range(8)]
     start = time.perf_counter()
     inputs = [prepare_inputs(vlm, [user_message(QUESTION, True)],
-                             decode_image_url(url, allow_http=False, max_pixels=MAX_IMAGE_PIXELS)) for url in urls]
+                             decode_image_url(url, allow_http=False, max_pixels=MAX_IMAGE_PIXELS), device="cpu")
+              for url in urls]  # as the server prepares them: the prefills below include the copies to the GPU
     sync()
     parts = {"image_processor": type(vlm.processor.image_processor).__name__,
              "receive_and_preprocess_one_image_s": round((time.perf_counter() - start) / len(urls), 4)}
@@ -125,8 +126,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve_and_load(vlm, scheduler, clients: list[int], max_tokens: int, image_size: int) -> dict:
-    """Serve `vlm` through an engine with `scheduler` and run the load test against it."""
+def serve_and_load(vlm, scheduler, clients: list[int], max_tokens: int, image_size: int, **app_options) -> dict:
+    """Serve `vlm` through an engine with `scheduler` (and `create_app`'s options) and run the load test on it."""
     import uvicorn
 
     if CUDA:
@@ -134,7 +135,7 @@ def serve_and_load(vlm, scheduler, clients: list[int], max_tokens: int, image_si
         torch.cuda.reset_peak_memory_stats()
     engine = Engine(vlm, scheduler)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, **app_options), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -166,6 +167,8 @@ def main() -> int:
     parser.add_argument("--queue-clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--compare-prepare-workers", type=int, nargs="*", default=[],
+                        help="also serve the batched engine with these numbers of preparing workers (largest client count)")
     parser.add_argument("--agreement-requests", type=int, default=16)
     parser.add_argument("--agreement-tokens", type=int, default=48)
     args = parser.parse_args()
@@ -205,6 +208,17 @@ def main() -> int:
             try:
                 run[name] = serve_and_load(vlm, scheduler, clients, args.max_tokens, args.image_size)
             except Exception as err:  # keep what the other runs measure
+                run[name] = {"error": repr(err), "levels": []}
+                log(f"{name} failed:", repr(err))
+            (out / f"loadtest_{'_'.join(args.precisions)}.json").write_text(json.dumps(report, indent=2))
+        for workers in args.compare_prepare_workers:
+            name = f"batched_prepare_workers_{workers}"
+            log(name)
+            try:
+                run[name] = serve_and_load(vlm, BatchScheduler(args.max_batch), [max(args.clients)], args.max_tokens,
+                                           args.image_size, prepare_workers=workers)
+                log(name, format_table(run[name]["levels"]))
+            except Exception as err:
                 run[name] = {"error": repr(err), "levels": []}
                 log(f"{name} failed:", repr(err))
             (out / f"loadtest_{'_'.join(args.precisions)}.json").write_text(json.dumps(report, indent=2))

@@ -62,6 +62,33 @@ def split_prefill(model, inputs: dict) -> dict:
             "language_model_ms": round(total - sum(parts.values()), 2)}
 
 
+def served_prefill(vlm, rows: int) -> dict:
+    """A prefill as the batched engine runs it (`FastDecoder.prefill_forward`: no host read mid-pass), with the
+    inputs already on the GPU and prepared on the CPU (pinned copies): milliseconds until the call returns (the
+    CPU's launching) and until the GPU is done, and the GPU's busy time (sum of its kernels)."""
+    from llama_vision_helpers.fast_decode import FastDecoder
+
+    fast = FastDecoder(vlm.model)
+    parts = [prepare_inputs(vlm, [user_message(QUESTION, True)], synthetic_image(i), device="cpu") for i in range(rows)]
+    on_cpu = {name: torch.cat([p[name] for p in parts]) for name in parts[0].keys()}
+    on_gpu = {name: value.to(fast.device) for name, value in on_cpu.items()}
+    result = {}
+    for where, inputs in (("gpu_inputs", on_gpu), ("cpu_inputs", on_cpu)):
+        launch, done = [], []
+        for _ in range(4):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fast.prefill_forward(inputs)
+            launch.append(time.perf_counter() - start)
+            torch.cuda.synchronize()
+            done.append(time.perf_counter() - start)
+        result[where] = {"launched_ms": round(1000 * statistics.median(launch[1:]), 1),
+                         "done_ms": round(1000 * statistics.median(done[1:]), 1)}
+    result["kernels"] = top_kernels(lambda: fast.prefill_forward(on_gpu), 16)
+    print(f"served prefill, {rows} images:", json.dumps(result, indent=1), flush=True)
+    return result
+
+
 def top_kernels(fn, count: int = 12) -> list[str]:
     fn()
     torch.cuda.synchronize()
@@ -122,6 +149,7 @@ def decode_steps(model, inputs: dict, compile_elementwise: bool, rows_list=(1, 8
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results")
+    parser.add_argument("--no-decode", action="store_true", help="skip the batched decode steps (and compilation)")
     args = parser.parse_args()
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     vlm = load_model(str(random_weights_checkpoint("11b")), backend="transformers", dtype=torch.bfloat16)
@@ -143,8 +171,10 @@ def main() -> None:
         reference = logits["sdpa"]
         report["prefill_logits_max_diff_of_max"] = round(float((logits[NAME] - reference).abs().max()
                                                                / reference.abs().max()), 4)
+        report["served_prefill_1_image"] = served_prefill(vlm, 1)
+        report["served_prefill_8_images"] = served_prefill(vlm, 8)
         report["vision_attention_backends_ms"] = attention_backends()
-        for compiled in (False, True):
+        for compiled in (() if args.no_decode else (False, True)):
             key = f"decode_compiled_{compiled}"
             try:
                 report[key] = decode_steps(model, one, compiled)
