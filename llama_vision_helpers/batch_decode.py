@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -248,14 +248,14 @@ class BatchDecoder:
             return host
         return host.pin_memory().to(self.fast.device, non_blocking=True)
 
-    def _read_later(self, tokens: torch.Tensor):
+    def _read_later(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
         """Queue the copy of `tokens` to the host; returns the function that waits for it (and only it)."""
         if self.fast.device.type != "cuda":
             return tokens.tolist
         host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
         copied = torch.cuda.Event()
-        copied.record()
+        copied.record(torch.cuda.current_stream(self.fast.device))  # the model's GPU, not the thread's current one
 
         def read() -> list[int]:
             copied.synchronize()

@@ -1,9 +1,9 @@
 """The engine's batched scheduler: every running request decodes in the slots of one `BatchDecoder`.
 
-Between decode steps the scheduler takes waiting requests from the engine's queue while there are free slots
-(a request with `n` answers takes `n` slots), up to one prefill's worth, prefills them, and lets them join at the
-next step (so a crowd arriving at once joins a prefill at a time while the running requests keep decoding); each new token
-goes to its request (which turns it into text and applies stop strings), and an answer that is over leaves its
+Between decode steps the scheduler takes waiting requests from the engine's queue while there are free slots (a
+request with `n` answers takes `n` slots), up to `PREFILL_GROUP` slots, prefills them, and lets them join at the
+next step (so a crowd arriving at once joins a few at a time while the running requests keep decoding); each new
+token goes to its request (which turns it into text and applies stop strings), and an answer that is over leaves its
 slot at once. While the slots are full, requests wait in the queue and learn their place from it.
 """
 
@@ -60,7 +60,8 @@ class BatchScheduler:
                 if held.sampling.num_samples > self.decoder.max_batch:
                     held.fail(TooManySamples(f"{held.sampling.num_samples} answers asked for, but this server "
                                              f"decodes {self.decoder.max_batch} at a time: ask for fewer"))
-                elif held.sampling.num_samples <= free:
+                elif held.sampling.num_samples <= free and (held.sampling.num_samples <= room or not joining):
+                    # (a request with more answers than a prefill's worth joins alone)
                     free -= held.sampling.num_samples
                     room -= held.sampling.num_samples
                     joining.append(held)

@@ -369,7 +369,7 @@ class FastDecoder:
             host_tokens.copy_(tokens, non_blocking=pinned)
             copied = torch.cuda.Event() if pinned else None
             if copied is not None:
-                copied.record()
+                copied.record(torch.cuda.current_stream(self.device))
             if step < max_new_tokens - 1:
                 logits = self._decode(state, tokens, prompt_length + step)
             if copied is not None:

@@ -121,8 +121,8 @@ def prepare_inputs(vlm: VisionModel, messages: list[dict], image: Any = None, *,
 
 
 def inputs_to_device(inputs: Any, device: Any) -> dict:
-    """`inputs` (name -> tensor) on `device`. From the CPU to a GPU through pinned memory, without waiting: a
-    plain copy from pageable memory first waits for all the work queued on the GPU (a batch's prefill, say)."""
+    """`inputs` (name -> tensor) on `device`, as a plain dict. From the CPU to a GPU through pinned memory, without
+    waiting: a plain copy from pageable memory first waits for all the work queued on the GPU (a prefill, say)."""
     import torch
 
     device = torch.device(device)

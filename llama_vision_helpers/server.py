@@ -84,6 +84,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
                limits: Limits = Limits(), prepare_workers: int = PREPARE_WORKERS) -> FastAPI:
     """The API over a running engine (not yet served: `serve` runs it with uvicorn). `prepare_workers`: requests
     whose image is decoded and preprocessed at once; the others wait their turn in order of arrival."""
+    if prepare_workers < 1:
+        raise ValueError(f"prepare_workers must be at least 1, got {prepare_workers}")
     app = FastAPI(title="llama-vision", docs_url=None, redoc_url=None, openapi_url=None)
     served_name = engine.model_name
     created = int(time.time())

@@ -76,9 +76,13 @@ def _few_rows_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     gives each head's few rows to one multiprocessor, which then walks all 6,432 keys alone; a product spreads the
     keys over the whole GPU. Scores and softmax in float32 (as in a fused kernel), probabilities times values in
     the inputs' precision."""
+    scores = None
     if query.is_cuda and query.dtype in (torch.bfloat16, torch.float16):
-        scores = torch.bmm(query, key.transpose(1, 2), out_dtype=torch.float32)
-    else:  # (a float32 result from half-precision inputs without copies exists on CUDA only)
+        try:  # a float32 result from half-precision inputs, without float copies: CUDA, torch >= 2.8
+            scores = torch.bmm(query, key.transpose(1, 2), out_dtype=torch.float32)
+        except TypeError:
+            pass
+    if scores is None:
         scores = torch.bmm(query.float(), key.transpose(1, 2).float())
     probs = torch.softmax(scores.mul_(scale).add_(key_mask), dim=-1)
     return torch.bmm(probs.to(value.dtype), value)

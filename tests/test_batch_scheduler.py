@@ -130,28 +130,56 @@ def test_a_failing_request_is_reported_and_the_others_keep_going(vlm, conversati
         engine.close()
 
 
+class Recording(Gated):
+    """A gated scheduler that records how many requests join at each step."""
+
+    def __init__(self, gate: threading.Event, **options) -> None:
+        super().__init__(gate, **options)
+        self.joined: list[int] = []
+
+    def _admit(self, requests):
+        if requests:
+            self.joined.append(len(requests))
+        super()._admit(requests)
+
+
 def test_a_crowd_joins_a_prefill_at_a_time(vlm, conversations, monkeypatch):
-    """Five waiting requests, two a prefill: they join in three groups, with decode steps between, and each
-    still gets its solo answer."""
+    """Five waiting requests, two slots a prefill: they join in three groups, with decode steps between, and
+    each still gets its solo answer."""
     from llama_vision_helpers import batch_scheduler
 
     monkeypatch.setattr(batch_scheduler, "PREFILL_GROUP", 2)
-    joined = []
-
-    class Recording(Gated):
-        def _admit(self, requests):
-            joined.append(len(requests))
-            super()._admit(requests)
-
     gate = threading.Event()
-    engine = Engine(vlm, Recording(gate, max_batch=5))
+    scheduler = Recording(gate, max_batch=5)
+    engine = Engine(vlm, scheduler)
     try:
         requests = [engine.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
                     for messages, image, n in conversations]
         gate.set()
         for request, (messages, image, n) in zip(requests, conversations):
             assert text_of(list(request)) == solo(vlm, messages, image, n)
-        assert [size for size in joined if size] == [2, 2, 1]
+        assert scheduler.joined == [2, 2, 1]
+    finally:
+        engine.close()
+
+
+def test_a_request_with_several_answers_does_not_overfill_a_prefill(vlm, conversations, monkeypatch):
+    """Two slots a prefill: a request with two answers does not join one that already has a request (it joins
+    the next); one with more answers than that would join alone."""
+    from llama_vision_helpers import batch_scheduler
+
+    monkeypatch.setattr(batch_scheduler, "PREFILL_GROUP", 2)
+    gate = threading.Event()
+    scheduler = Recording(gate, max_batch=5)
+    engine = Engine(vlm, scheduler)
+    try:
+        messages, image, _ = conversations[1]
+        settings = [Sampling(max_new_tokens=3, do_sample=False), Sampling(max_new_tokens=3, num_samples=2),
+                    Sampling(max_new_tokens=3, num_samples=3)]
+        requests = [engine.submit(messages, image, one) for one in settings]
+        gate.set()
+        assert all(isinstance(list(request)[-1], Done) for request in requests)
+        assert scheduler.joined == [1, 1, 1]
     finally:
         engine.close()
 

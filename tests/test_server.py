@@ -234,18 +234,20 @@ def test_requests_are_prepared_a_few_at_a_time(vlm, monkeypatch, workers):
     from llama_vision_helpers.engine import Engine
 
     engine = Engine(vlm)
-    lock, busy, most = threading.Lock(), [0], [0]
+    changed, busy, most = threading.Condition(), [0], [0]
     prepare = engine.prepare
 
     def counting(*args, **kwargs):
-        with lock:
+        with changed:
             busy[0] += 1
             most[0] = max(most[0], busy[0])
-        time.sleep(0.2)  # long enough for every request to have arrived
+            changed.notify_all()
+            changed.wait_for(lambda: busy[0] >= workers, timeout=3)  # the allowed number are in at once...
+        time.sleep(0.3)  # ...and one more would get in now, were it let in
         try:
             return prepare(*args, **kwargs)
         finally:
-            with lock:
+            with changed:
                 busy[0] -= 1
 
     monkeypatch.setattr(engine, "prepare", counting)
@@ -258,6 +260,18 @@ def test_requests_are_prepared_a_few_at_a_time(vlm, monkeypatch, workers):
     finally:
         engine.close()
     assert len(answers) == 5 and most[0] == workers
+
+
+def test_no_preparing_worker_is_refused(vlm):
+    from llama_vision_helpers.engine import Engine
+    from llama_vision_helpers.server import create_app
+
+    engine = Engine(vlm)
+    try:
+        with pytest.raises(ValueError, match="at least 1"):
+            create_app(engine, prepare_workers=0)
+    finally:
+        engine.close()
 
 
 def test_the_server_binds_localhost_by_default():

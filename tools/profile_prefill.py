@@ -103,19 +103,22 @@ def top_kernels(fn, count: int = 12) -> list[str]:
     return lines
 
 
-def attention_backends(images: int = 8) -> dict:
-    """Milliseconds of the vision encoder's unmasked attention (16 heads of 80 over 4 tiles) per backend."""
+def attention_backends(images: int = 8, head_dims: tuple[int, ...] = (80,)) -> dict:
+    """Milliseconds of the vision encoder's unmasked attention (16 heads over 4 tiles) per backend; the heads are
+    80 wide, other widths show what zero-padding them would cost."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q, k, v = (torch.randn(images, 16, 6432, 80, dtype=torch.bfloat16, device="cuda") for _ in range(3))
     result = {}
-    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        try:
-            with sdpa_kernel([backend]):
-                attention = torch.nn.functional.scaled_dot_product_attention
-                result[backend.name] = round(milliseconds(lambda: attention(q, k, v)), 2)
-        except RuntimeError as err:
-            result[backend.name] = repr(err)[:100]
+    for head_dim in head_dims:
+        q, k, v = (torch.randn(images, 16, 6432, head_dim, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+        for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+            name = backend.name if head_dim == 80 else f"{backend.name}_head_dim_{head_dim}"
+            try:
+                with sdpa_kernel([backend]):
+                    attention = torch.nn.functional.scaled_dot_product_attention
+                    result[name] = round(milliseconds(lambda: attention(q, k, v, scale=80 ** -0.5)), 2)
+            except RuntimeError as err:
+                result[name] = repr(err)[:100]
     print("attention backends,", images, "images:", result, flush=True)
     return result
 
@@ -150,7 +153,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results")
     parser.add_argument("--no-decode", action="store_true", help="skip the batched decode steps (and compilation)")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="only the attention backends, for head widths 64, 80, 96 and 128 (no model)")
     args = parser.parse_args()
+    if args.attention_only:
+        print(json.dumps(attention_backends(head_dims=(64, 80, 96, 128)), indent=1))
+        return
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     vlm = load_model(str(random_weights_checkpoint("11b")), backend="transformers", dtype=torch.bfloat16)
     model = vlm.model
