@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .fast_decode import LENGTH_BUCKET, FastDecoder, FastDecodeUnsupported, _State
-from .generation import inputs_to_device
+from .generation import inputs_to_device, tensor_to_device
 
 DEFAULT_SLOT_LENGTH = 4096  # tokens a slot holds (prompt + answer); the buffers are sized for it
 PREFILL_GROUP = 8  # prompts prefilled in one forward pass at most
@@ -182,13 +182,9 @@ class BatchDecoder:
         if any(value.device.type != "cpu" for row in rows for value in row.values()):  # else joined on the CPU
             rows = [inputs_to_device(row, self.fast.device) for row in rows]
         inputs = {name: torch.cat([row[name] for row in rows]) for name in rows[0].keys()}
-        output = self.fast.prefill_forward(inputs)
+        output, inputs = self.fast.prefill_forward(inputs)
         cache, length = output.past_key_values, group[0].prompt_length
-        if group[0].has_image:
-            masks = self.fast.image_masks(inputs_to_device({"cross_attention_mask": inputs["cross_attention_mask"]},
-                                                           self.fast.device))
-        else:
-            masks = None
+        masks = self.fast.image_masks(inputs) if group[0].has_image else None
         for j, request in enumerate(group):
             row = self.slots.index(None)
             self.slots[row] = request
@@ -242,11 +238,8 @@ class BatchDecoder:
         return events
 
     def _on_device(self, values: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        """A small host list on the device, copied without waiting for the device's queue (through pinned memory)."""
-        host = torch.tensor(values, dtype=dtype)
-        if self.fast.device.type != "cuda":
-            return host
-        return host.pin_memory().to(self.fast.device, non_blocking=True)
+        """A small host list on the device, copied without waiting for the device's queue."""
+        return tensor_to_device(torch.tensor(values, dtype=dtype), self.fast.device)
 
     def _read_later(self, tokens: torch.Tensor) -> Callable[[], list[int]]:
         """Queue the copy of `tokens` to the host; returns the function that waits for it (and only it)."""

@@ -397,7 +397,8 @@ class SerialScheduler:
 
         eos = _eos_ids(vlm)
         new_tokens = generate_token_ids(
-            vlm, inputs_to_device(request.inputs, vlm.device), streamer=Sink() if single else None, seed=sampling.seed,
+            vlm, inputs_to_device(request.inputs, vlm.device), streamer=Sink() if single else None,
+            seed=sampling.seed,
             num_samples=sampling.num_samples, max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, min_p=sampling.min_p, do_sample=sampling.do_sample,
             stopping_criteria=StoppingCriteriaList([Stop()]),

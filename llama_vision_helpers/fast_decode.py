@@ -263,9 +263,10 @@ class FastDecoder:
             dtype=self.dtype)
         return cross_mask, row_mask[:, 0]
 
-    def prefill_forward(self, inputs: dict) -> Any:
+    def prefill_forward(self, inputs: dict) -> tuple[Any, dict]:
         """The model's forward pass over prompts (one row each, no padding) with their images, keeping the caches
-        and the last logits; inputs on the CPU move to the model's device without waiting for its queue.
+        and the last logits; inputs on the CPU move to the model's device without waiting for its queue. Returns
+        the output and the inputs on the device.
 
         An attention mask of ones is left out: it changes nothing, but transformers would read it on the host in
         the middle of the pass, after the vision encoder, and the CPU would launch the language model only then."""
@@ -274,7 +275,8 @@ class FastDecoder:
         mask = inputs.get("attention_mask")
         if mask is not None and bool(mask.all()):  # read before the pass: on the CPU, or while the queue is short
             inputs = {name: value for name, value in inputs.items() if name != "attention_mask"}
-        return self.model(**inputs_to_device(inputs, self.device), use_cache=True, logits_to_keep=1)
+        inputs = inputs_to_device(inputs, self.device)
+        return self.model(**inputs, use_cache=True, logits_to_keep=1), inputs
 
     def _prefill(self, inputs: dict, batch: int, max_new_tokens: int) -> tuple[_State, torch.Tensor]:
         """Run the prompt (and image) through the model once, fill the fixed buffers, return the last logits."""
@@ -282,7 +284,7 @@ class FastDecoder:
         length = -(-(prompt_length + max_new_tokens) // LENGTH_BUCKET) * LENGTH_BUCKET
         if length > self.max_positions:
             raise FastDecodeUnsupported("prompt and answer are longer than the model's context")
-        output = self.prefill_forward(inputs)
+        output, inputs = self.prefill_forward(inputs)
         cache = output.past_key_values
         has_image = inputs.get("cross_attention_mask") is not None and inputs.get("pixel_values") is not None
         vision_tokens = cache.layers[min(self.cross_layers)].keys.shape[2] if has_image else None

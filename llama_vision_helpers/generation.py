@@ -120,16 +120,19 @@ def prepare_inputs(vlm: VisionModel, messages: list[dict], image: Any = None, *,
     return inputs.to(vlm.device if device is None else device)
 
 
-def inputs_to_device(inputs: Any, device: Any) -> dict:
-    """`inputs` (name -> tensor) on `device`, as a plain dict. From the CPU to a GPU through pinned memory, without
-    waiting: a plain copy from pageable memory first waits for all the work queued on the GPU (a prefill, say)."""
+def tensor_to_device(value: Any, device: Any) -> Any:
+    """`value` on `device`. From the CPU to a GPU through pinned memory, without waiting: a plain copy from
+    pageable memory first waits for all the work queued on the GPU (a prefill, say)."""
     import torch
 
-    device = torch.device(device)
-    if device.type != "cuda":
-        return {name: value.to(device) for name, value in inputs.items()}
-    return {name: value.pin_memory().to(device, non_blocking=True) if value.device.type == "cpu" else value.to(device)
-            for name, value in inputs.items()}
+    if torch.device(device).type == "cuda" and value.device.type == "cpu":
+        return value.pin_memory().to(device, non_blocking=True)
+    return value.to(device)
+
+
+def inputs_to_device(inputs: Any, device: Any) -> dict:
+    """`inputs` (name -> tensor) on `device` (`tensor_to_device` each), as a plain dict."""
+    return {name: tensor_to_device(value, device) for name, value in inputs.items()}
 
 
 def _tokenizer(processor: Any):

@@ -89,12 +89,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
     app = FastAPI(title="llama-vision", docs_url=None, redoc_url=None, openapi_url=None)
     served_name = engine.model_name
     created = int(time.time())
-    limiter: list[anyio.CapacityLimiter] = []  # made on first use, inside the server's event loop
-
-    def preparing() -> anyio.CapacityLimiter:
-        if not limiter:
-            limiter.append(anyio.CapacityLimiter(prepare_workers))
-        return limiter[0]
+    preparing = anyio.CapacityLimiter(prepare_workers)
 
     @app.middleware("http")
     async def check_api_key(request: Request, call_next):
@@ -139,7 +134,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
                                       params.max_completion_tokens is None,
                                       on_event=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
 
-            prepared = await anyio.to_thread.run_sync(decode_and_prepare, limiter=preparing())
+            prepared = await anyio.to_thread.run_sync(decode_and_prepare, limiter=preparing)
             engine.queue.put(prepared)
         except WireError as err:
             return JSONResponse(err.body(), status_code=err.status)

@@ -133,8 +133,8 @@ def test_the_prefill_leaves_out_only_a_mask_of_ones(vlm, photo, monkeypatch):
     padded = dict(inputs, attention_mask=inputs["attention_mask"].clone())
     padded["attention_mask"][0, 0] = 0
     with torch.inference_mode():
-        plain = decoder.prefill_forward(inputs).logits
-        kept = decoder.prefill_forward(padded).logits
+        plain = decoder.prefill_forward(inputs)[0].logits
+        kept = decoder.prefill_forward(padded)[0].logits
         expected = model(**inputs, use_cache=True, logits_to_keep=1).logits
     assert "attention_mask" not in seen[0] and "attention_mask" in seen[1]
     torch.testing.assert_close(plain, expected, atol=0, rtol=0)

@@ -83,21 +83,16 @@ def test_split_vision_attention_follows_masked_sdpa_in_bf16(photo):
     against transformers' masked `sdpa`, on images that fill four tiles and that leave tiles empty."""
     import torch
 
+    from test_vision_attention import vision_states
+
     from llama_vision_helpers.generation import prepare_inputs, user_message
     from llama_vision_helpers.vision_attention import NAME
 
     vlm = load_model("tiny-random", backend="transformers", load_in_4bit=False, dtype=torch.bfloat16)
     parts = [prepare_inputs(vlm, [user_message("Describe.", True)], image)
              for image in (photo, photo.resize((240, 110)), photo.resize((100, 100)))]
-    inputs = {name: torch.cat([part[name] for part in parts]) for name in ("pixel_values", "aspect_ratio_ids",
-                                                                          "aspect_ratio_mask")}
-    config = vlm.model.model.vision_model.config
-    states = {}
-    for implementation in (NAME, "sdpa"):
-        config._attn_implementation = implementation
-        with torch.inference_mode():
-            states[implementation] = vlm.model.model.vision_model(**inputs).last_hidden_state.float()
-    config._attn_implementation = NAME
+    inputs = {name: torch.cat([part[name] for part in parts]) for name in parts[0].keys()}
+    states = {name: vision_states(vlm, inputs, name).float() for name in (NAME, "sdpa")}
     difference = (states[NAME] - states["sdpa"]).abs().max() / states["sdpa"].abs().max()
     print(f"split vs masked sdpa, bf16: max difference {difference:.2e} of max |state|")
     assert difference < 2e-2
