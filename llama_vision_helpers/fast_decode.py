@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .nf4_gemv import KERNEL_MAX_TOKENS, nf4_kernel_available, nf4_matmul
+from .nf4_gemv import nf4_kernel_available, nf4_matmul
 
 # What the fast loop understands; anything else (beam search, repetition penalty, ...) goes to `generate`.
 SUPPORTED_OPTIONS = {"max_new_tokens", "min_new_tokens", "do_sample", "temperature", "min_p", "num_return_sequences",
@@ -83,10 +83,15 @@ class FastDecoder:
         self.projections = {index: self._projection_groups(index, layer) for index, layer in enumerate(self.text.layers)}
         self.projections["lm_head"] = {"lm_head": [model.lm_head]}
         if use_nf4_kernel is None:
-            # Off by default: bitsandbytes' own one-token kernel rounds each product to bf16, so only it reproduces
-            # `generate`'s logits exactly; the nf4 kernel (float32 products, closer to the exact product) changes
-            # them by more than 0.5% on the random-weight 11B and is 3% faster (docs/bench/decode-notes.md).
-            use_nf4_kernel = os.environ.get("LLAMA_VISION_NF4_KERNEL", "0") == "1"
+            # The default: the nf4 kernels for steps of several tokens (k samples, the engine's slots), where they
+            # are 2.5x faster than bitsandbytes' dequantize + cuBLAS; one token keeps bitsandbytes' own kernel, the
+            # one `generate` runs, so the fast loop reproduces its logits exactly (docs/bench/decode-notes.md).
+            # LLAMA_VISION_NF4_KERNEL=1: the kernels for one token too; 0: never.
+            setting = os.environ.get("LLAMA_VISION_NF4_KERNEL", "")
+            use_nf4_kernel = setting != "0"
+            self.nf4_min_tokens = 1 if setting == "1" else 2
+        else:
+            self.nf4_min_tokens = 1
         use_kernel = use_nf4_kernel and nf4_kernel_available(self.device)
         self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
         # on a GPU, plain linears of a group are joined too (one product instead of three or two)
@@ -140,13 +145,13 @@ class FastDecoder:
         """The outputs of one group of linears (`projections[index][name]`) for the decode input `x`.
 
         The hook every decode path calls for its matrix products: bitsandbytes nf4 weights go through the 4-bit
-        kernel (`nf4_gemv.nf4_matmul`, one launch for the whole group) for up to KERNEL_MAX_TOKENS tokens,
+        kernels (`nf4_gemv.nf4_matmul`, one launch for the whole group) from `nf4_min_tokens` tokens on,
         anything else through the modules."""
         dense = self.dense_weights.get((index, name))
         if dense is not None:
             return F.linear(x, dense[0]).split(dense[1], dim=-1)
         weight = self.nf4_weights.get((index, name))
-        if weight is None or x.numel() // weight.k > KERNEL_MAX_TOKENS:
+        if weight is None or x.numel() // weight.k < self.nf4_min_tokens:
             return tuple(module(x) for module in self.projections[index][name])
         return nf4_matmul(x, weight).split(weight.splits, dim=-1)
 

@@ -1,14 +1,15 @@
-"""4-bit matrix-vector products on bitsandbytes' own nf4 layout, dequantized in registers (Triton).
+"""4-bit matrix products on bitsandbytes' own nf4 layout, dequantized in registers (Triton).
 
 bitsandbytes stores a `Linear4bit` weight of shape (N, K) as N*K/2 bytes, row-major, two weights a byte (the
 high nibble first), each nibble an index into the 16-value NF4 code; every block of 64 weights has a scale
 (`absmax`). With double quantization the scales are themselves bytes: scale = code2[byte] * absmax2[block // 256]
-+ offset. The kernels here read those bytes as stored (nothing is repacked), look each nibble up in the 16-value
-code (one cache line), and apply each block's scale once per 64 float32 products (one token; `exact=True`
-rounds each weight to bf16 first, as bitsandbytes' dequantized weight is) or dequantize to bf16 for the tensor
-cores (2..32 tokens). K is split over programs when a launch would otherwise have too few; the last program
-of a tile to finish adds the parts up, so each product is one launch. Measured against bitsandbytes and
-other kernels: docs/bench/decode-notes.md (the look-ups bound the speed, at about bitsandbytes' own).
++ offset. The kernels here read those bytes as stored (nothing is repacked) and look each nibble's code value
+(in bf16, as bitsandbytes' one-token kernel holds it) up by byte permutes in registers, no memory access
+(`permute_tables`). One token: each code-activation product rounded to bf16 as bitsandbytes' one-token kernel
+rounds its products, added in float32, times the block's scale. 2..32 tokens: weights scaled and rounded to
+bf16 in registers, products on the tensor cores. K is split over programs when a launch would otherwise have
+too few; the last program of a tile to finish adds the parts up, so each product is one launch. Measured
+against bitsandbytes and other kernels: docs/bench/decode-notes.md.
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -31,10 +32,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 
 BLOCK_SIZE = 64  # weights per scale, the only blocksize the kernels read
 NESTED_BLOCK_SIZE = 256  # scales per second-level scale (bitsandbytes' default for double quantization)
-MAX_BATCH = 32
-# Tokens a launch up to which nf4_matmul is at least as fast as bitsandbytes' own forward (H200, all decode linears
-# of the 11B model: docs/bench/decode-notes.md); the decode loop sends larger batches to bitsandbytes.
-KERNEL_MAX_TOKENS = 1
+MAX_BATCH = 32  # tokens a launch; the decode loop sends larger batches to bitsandbytes' own forward
 
 
 class NF4Unsupported(ValueError):
@@ -60,6 +58,11 @@ class NF4Weight:
     k: int
     splits: tuple[int, ...]
     dtype: torch.dtype
+    ptx: tuple[str, str] = ("", "")  # the code look-up: `lookup_asm`, `products_asm` (made once, off the GPU)
+
+    def __post_init__(self) -> None:
+        if not self.ptx[0]:
+            self.ptx = (lookup_asm(self.code), products_asm(self.code))
 
     @classmethod
     def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
@@ -87,6 +90,10 @@ class NF4Weight:
             absmax2 = torch.cat([s.state2.absmax.float().reshape(-1) for s in states])
             offset2 = torch.cat([torch.full((s.state2.absmax.numel(),), float(s.offset), device=absmax2.device)
                                  for s in states])
+            if any(s.absmax.numel() % NESTED_BLOCK_SIZE for s in states[:-1]):
+                # a group of 256 nested scales would straddle two linears: the joined weight keeps float32 scales
+                absmax = torch.cat([_float_scales(s) for s in states])
+                code2 = absmax2 = offset2 = None
         else:
             absmax = absmax.float()
         if share_storage and len(modules) > 1:
@@ -95,7 +102,7 @@ class NF4Weight:
                 n_bytes, n_blocks = module.weight.data.numel() * module.weight.data.element_size(), state.absmax.numel()
                 module.weight.data = packed[byte_start:byte_start + n_bytes].view(module.weight.dtype) \
                     .view(module.weight.data.shape)
-                if nested:
+                if code2 is not None:
                     state.absmax = absmax[block_start:block_start + n_blocks]
                 byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
         n = sum(s.shape[0] for s in states)
@@ -113,6 +120,12 @@ class NF4Weight:
             return self.absmax
         groups = torch.arange(self.absmax.numel(), device=self.absmax.device) // NESTED_BLOCK_SIZE
         return self.code2[self.absmax.long()] * self.absmax2[groups] + self.offset2[groups]
+
+
+def _float_scales(state: Any) -> torch.Tensor:
+    """The float32 scale of each block of a double-quantized bnb weight, as bitsandbytes computes them."""
+    groups = torch.arange(state.absmax.numel(), device=state.absmax.device) // NESTED_BLOCK_SIZE
+    return state.state2.code.float()[state.absmax.long()] * state.state2.absmax.float()[groups] + float(state.offset)
 
 
 def _check_layout(module: Any) -> Any:
@@ -136,6 +149,55 @@ def nf4_kernel_available(device: torch.device | str) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
+# --- the code look-up as byte permutes --------------------------------------------------------------------
+# A nibble's code value (bf16, as bitsandbytes' one-token kernel holds its code) is two bytes. `prmt` picks 4 bytes
+# out of 8 by 3-bit selectors, so 4 nibbles are looked up in a table of 8 entries with one instruction: entries
+# 0-7 and 8-15 are looked up apart and the nibbles' top bits pick between the two, for the low and the high bytes;
+# two more permutes put each value's bytes together. 20 integer instructions for 8 nibbles, and no memory access.
+PAIR_SELECTORS = (0x4051, 0x6273)  # (low, high) bytes of byte 0's two values, then byte 1's, high nibble first
+
+
+def permute_tables(code: torch.Tensor) -> tuple[int, ...]:
+    """The 16 code values in bf16 as 8 words: low bytes of entries 0-3, 4-7, 8-11, 12-15, then high bytes."""
+    bits = [b & 0xFFFF for b in code.float().cpu().to(torch.bfloat16).view(torch.int16).tolist()]
+    low, high = [b & 0xFF for b in bits], [b >> 8 for b in bits]
+    return tuple(sum(part[i + j] << (8 * j) for j in range(4)) for part in (low, high) for i in range(0, 16, 4))
+
+
+def _permute_lookup_ptx(tables: Sequence[int], quad: str, pairs: Sequence[str]) -> str:
+    """PTX that turns `quad` (4 packed bytes, 8 nibbles) into 4 words `pairs`, each the two bf16 code values of
+    one byte (the high nibble's in the low half, as the weights are ordered)."""
+    lines = [f"mov.b32 t{i}, {word:#010x};" for i, word in enumerate(tables)]
+    lines += [f"and.b32 m, {quad}, 0x77777777;", f"shr.u32 s, {quad}, 1;", "and.b32 s, s, 0x44444444;",
+              "or.b32 s, s, 0x32103210;"]
+    for half in range(2):
+        if half:
+            lines += ["shr.u32 m, m, 16;", "shr.u32 s, s, 16;"]
+        for table, target in ((0, "l"), (4, "h")):
+            lines += [f"prmt.b32 a, t{table}, t{table + 1}, m;", f"prmt.b32 b, t{table + 2}, t{table + 3}, m;",
+                      f"prmt.b32 {target}, a, b, s;"]
+        lines += [f"prmt.b32 {pairs[2 * half + i]}, l, h, {sel:#06x};" for i, sel in enumerate(PAIR_SELECTORS)]
+    return "\n".join(lines)
+
+
+def lookup_asm(code: torch.Tensor) -> str:
+    """Inline PTX for `tl.inline_asm_elementwise(..., pack=4)` over packed bytes: outputs $0-$3 are the code
+    pairs of the 4 bytes in $4."""
+    body = _permute_lookup_ptx(permute_tables(code), "$4", ["$0", "$1", "$2", "$3"])
+    return "{\n.reg .b32 t<8>, m, s, a, b, l, h;\n" + body + "\n}"
+
+
+def products_asm(code: torch.Tensor) -> str:
+    """Inline PTX (pack=4 over packed bytes): outputs $0-$3 are, for each of the 4 bytes in $4, its two code
+    values times the two activations of their columns ($5-$8, bf16 pairs), each product rounded to bf16 as in
+    bitsandbytes' one-token kernel, added in float32."""
+    body = [_permute_lookup_ptx(permute_tables(code), "$4", ["p0", "p1", "p2", "p3"])]
+    for i in range(4):
+        body += [f"mul.rn.bf16x2 q, p{i}, ${5 + i};", "shl.b32 c, q, 16;", "and.b32 d, q, 0xffff0000;",
+                 f"add.f32 ${i}, c, d;"]
+    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, q, c, d;\n" + "\n".join(body) + "\n}"
+
+
 TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
 MAX_SPLITS = 16
 MAX_ROWS = 28672  # the workspace for split products covers outputs up to this size (11B's joined gate/up)
@@ -151,15 +213,6 @@ def _splits(n_tiles: int, blocks_per_row: int) -> int:
 
 if triton is not None:
 
-    def _matvec_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
-                for bn, bg, w, s in [(8, 8, 4, 3), (16, 8, 4, 3), (32, 8, 4, 3), (16, 16, 4, 3), (8, 16, 4, 3),
-                                     (32, 4, 4, 3), (16, 8, 8, 3), (64, 2, 4, 3), (32, 8, 8, 3), (16, 16, 8, 3)]]
-
-    def _dot_configs():
-        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                for bn, w, s in [(16, 4, 4), (32, 4, 4), (64, 4, 4), (64, 4, 3), (128, 4, 3)]]
-
     @triton.jit
     def _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, block, NESTED: tl.constexpr,
                NESTED_BLOCK: tl.constexpr):
@@ -171,9 +224,19 @@ if triton is not None:
             return tl.load(absmax_ptr + block)
 
     @triton.jit
-    def _nibbles(byte, code_ptr):
-        # the 16 float32 code values fill one cache line, so each look-up is one pass through L1
-        return tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 15))
+    def _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last, K,
+                       NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
+        """The packed bytes (rows, BLOCK_G, 32) of BLOCK_G blocks of 64 weights from block g0 (blocks from `last`
+        on read as zeros) and their float32 scales (rows, BLOCK_G)."""
+        blocks_per_row = K // 64
+        groups = g0 + tl.arange(0, BLOCK_G)
+        offsets = rows[:, None, None] * (K // 2) + groups[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+        byte = tl.load(packed_ptr + offsets, mask=(groups < last)[None, :, None], other=0,
+                       eviction_policy="evict_first")
+        scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
+                       rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
+                       NESTED, NESTED_BLOCK)
+        return byte, scale
 
     @triton.jit
     def _split_pairs(pairs):
@@ -201,87 +264,78 @@ if triton is not None:
                 tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replay)
 
-    @triton.autotune(configs=_matvec_configs(), key=["N", "K", "EXACT", "ABLATE"])
+    def _matvec_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
+                for bn, bg, w, s in [(8, 4, 4, 3), (16, 4, 4, 3), (32, 2, 4, 3), (16, 8, 4, 3), (8, 8, 4, 3),
+                                     (32, 4, 8, 3), (64, 2, 8, 3), (16, 4, 2, 3), (32, 4, 4, 2), (64, 1, 4, 3)]]
+
+    def _matmul_configs():
+        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
+                for bn, bg, w, s in [(64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 4, 3), (128, 2, 8, 3), (64, 4, 4, 2),
+                                     (128, 2, 4, 2)]]
+
+    @triton.autotune(configs=_matvec_configs(), key=["N", "K"])
     @triton.jit
-    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
-                           work_ptr, count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-                           EXACT: tl.constexpr, ABLATE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """One token: out[n] = sum_k x[k] * W[n, k]. Program (i, s): BLOCK_N rows, part s of K, BLOCK_G blocks
-        of 64 weights a step. EXACT: each weight rounded to bf16 as bitsandbytes' dequantized weight is, else
-        the block's scale is applied once to its float32 sum. ABLATE (timing only, wrong answers): 1 leaves
-        out the code look-up, 2 the activations, 3 everything but reading the bytes."""
+    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
+                           count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, PRODUCTS: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """One token: out[n] = sum_k x[k] * W[n, k]. Program (i, s): BLOCK_N rows, part s of K, BLOCK_G blocks of
+        64 weights a step. `PRODUCTS` (PTX from `products_asm`) looks 4 bytes up and multiplies them by their
+        activations at once; the block's scale multiplies each byte's float32 sum."""
         tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)  # the last tile recomputes a row rather than masking every load
         blocks_per_row = K // 64
-        half_k = K // 2
         per_part = tl.cdiv(blocks_per_row, splits)
         first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
         j = tl.arange(0, 32)
-        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_G, 32), dtype=tl.float32)
         for g0 in range(first, last, BLOCK_G):
+            byte, scale = _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last,
+                                         K, NESTED, NESTED_BLOCK, BLOCK_G)
             groups = g0 + tl.arange(0, BLOCK_G)
-            inside = groups < last
-            offsets = rows[:, None, None] * half_k + groups[None, :, None] * 32 + j[None, None, :]
-            byte = tl.load(packed_ptr + offsets, mask=inside[None, :, None], other=0,
-                           eviction_policy="evict_first").to(tl.int32)
-            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
-                           rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
-                           NESTED, NESTED_BLOCK)
-            if ABLATE == 3:
-                acc += tl.sum(byte.to(tl.float32), axis=2)
-            else:
-                if ABLATE == 1:
-                    high, low = (byte >> 4).to(tl.float32), (byte & 15).to(tl.float32)
-                else:
-                    high, low = _nibbles(byte, code_ptr)
-                if ABLATE == 2:
-                    even, odd = high * 0 + 1.0, low * 0 + 1.0
-                else:
-                    pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
-                                    mask=inside[:, None], other=0)
-                    even, odd = _split_pairs(pairs)
-                    even, odd = even[None, :, :], odd[None, :, :]
-                if EXACT:
-                    high = (high * scale[:, :, None]).to(tl.bfloat16).to(tl.float32)
-                    low = (low * scale[:, :, None]).to(tl.bfloat16).to(tl.float32)
-                    acc += tl.sum(high * even + low * odd, axis=2)
-                else:
-                    acc += tl.sum(high * even + low * odd, axis=2) * scale
+            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
+                            mask=(groups < last)[:, None], other=0)  # two bf16 activations a word, as a byte's weights
+            sums = tl.inline_asm_elementwise(PRODUCTS, "=r,=r,=r,=r,r,r,r,r,r",
+                                             [byte, tl.broadcast_to(pairs[None, :, :], byte.shape)],
+                                             dtype=tl.float32, is_pure=True, pack=4)
+            acc += sums * scale[:, :, None]
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        _finish(tl.sum(acc, axis=1), out_rows, out_rows < N, out_ptr, work_ptr, count_ptr, tile, part, splits, N)
+        _finish(tl.sum(tl.sum(acc, axis=2), axis=1), out_rows, out_rows < N, out_ptr, work_ptr, count_ptr, tile,
+                part, splits, N)
 
-    @triton.autotune(configs=_dot_configs(), key=["N", "K", "BLOCK_M"])
+    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M"])
     @triton.jit
-    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, code_ptr, out_ptr,
-                           work_ptr, count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """A few tokens (2..32): one block of 64 weights a step for BLOCK_N rows, dequantized to bf16 in
-        registers (as bitsandbytes rounds them), products on the tensor cores; K split as in the matvec."""
+    def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
+                           count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, LOOKUP: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes,
+        scaled and rounded to bf16 in registers (the weights as the product's first operand), products on the
+        tensor cores; K split as in the matvec."""
         tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
         tokens = tl.arange(0, BLOCK_M)
         token_rows = tl.minimum(tokens, M - 1)
         blocks_per_row = K // 64
-        half_k = K // 2
         per_part = tl.cdiv(blocks_per_row, splits)
         first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
-        j = tl.arange(0, 32)
-        x_pairs = x_ptr.to(tl.pointer_type(tl.int32)) + token_rows[:, None] * half_k + j[None, :]
-        weights = packed_ptr + rows[None, :] * half_k + j[:, None]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for block in range(first, last):
-            byte = tl.load(weights + block * 32, eviction_policy="evict_first").to(tl.int32)  # (32, BLOCK_N)
-            high, low = _nibbles(byte, code_ptr)
-            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows * blocks_per_row + block,
-                           NESTED, NESTED_BLOCK)[None, :]
-            even, odd = _split_pairs(tl.load(x_pairs + block * 32))
-            acc = tl.dot(even.to(tl.bfloat16), (high * scale).to(tl.bfloat16), acc)
-            acc = tl.dot(odd.to(tl.bfloat16), (low * scale).to(tl.bfloat16), acc)
+        columns = tl.arange(0, BLOCK_G * 64)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for g0 in range(first, last, BLOCK_G):
+            byte, scale = _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last,
+                                         K, NESTED, NESTED_BLOCK, BLOCK_G)
+            scale = scale[:, :, None]
+            codes = tl.inline_asm_elementwise(LOOKUP, "=r,=r,=r,=r,r", [byte], dtype=tl.int32, is_pure=True, pack=4)
+            code_even, code_odd = _split_pairs(codes)
+            weights = tl.interleave((code_even * scale).to(tl.bfloat16), (code_odd * scale).to(tl.bfloat16))
+            weights = tl.reshape(weights, (BLOCK_N, BLOCK_G * 64))
+            k = g0 * 64 + columns
+            x = tl.load(x_ptr + token_rows[None, :] * K + k[:, None], mask=(k < last * 64)[:, None], other=0.0)
+            acc = tl.dot(weights, x, acc)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        offsets = tokens[:, None] * N + out_rows[None, :]
-        _finish(acc, offsets, (tokens[:, None] < M) & (out_rows[None, :] < N), out_ptr, work_ptr, count_ptr,
+        offsets = tokens[None, :] * N + out_rows[:, None]
+        _finish(acc, offsets, (tokens[None, :] < M) & (out_rows[:, None] < N), out_ptr, work_ptr, count_ptr,
                 tile, part, splits, M * N)
 
 
@@ -297,13 +351,11 @@ def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return _workspaces[device]
 
 
-def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None, *, exact: bool = False,
-               ablate: int = 0) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
 
-    The decode paths call this for every 4-bit linear (or joined group of linears) of a step; up to
-    MAX_BATCH tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into. `exact`
-    (one token): round each weight to bf16 as bitsandbytes does; `ablate`: see `_nf4_matvec_kernel` (timing)."""
+    The decode paths call this for 4-bit linears (or joined groups of linears) of a step; up to MAX_BATCH
+    tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into."""
     if x.dtype != torch.bfloat16:
         raise TypeError(f"nf4_matmul reads bf16 activations, got {x.dtype}")
     shape = x.shape
@@ -320,8 +372,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     nested = weight.code2 is not None
     work, counts = _workspace(x.device)
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
-            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, weight.code,
-            out, work, counts)
+            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, out, work, counts)
     blocks_per_row = weight.k // BLOCK_SIZE
 
     def grid(meta):
@@ -330,10 +381,10 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
 
     if m == 1:
         _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
-                                 EXACT=exact, ABLATE=ablate)
+                                 PRODUCTS=weight.ptx[1])
     else:
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
-                                 BLOCK_M=16 if m <= 16 else 32)
+                                 LOOKUP=weight.ptx[0], BLOCK_M=16 if m <= 16 else 32)
     return out.view(*shape[:-1], weight.n)
 
 

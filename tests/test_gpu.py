@@ -145,23 +145,36 @@ def test_nf4_kernel_matches_bitsandbytes_on_the_11b_shapes(group):
         assert float((got - bnb).norm() / bnb.norm()) < 5e-3
 
 
-def test_fast_loop_on_bnb_weights_follows_generate_with_and_without_the_nf4_kernel(photo):
+def test_fast_loop_on_bnb_weights_follows_generate_with_and_without_the_nf4_kernel(photo, monkeypatch):
+    import torch
+
+    from llama_vision_helpers import fast_decode
     from llama_vision_helpers.bench import compare_fast_logits
     from llama_vision_helpers.fast_decode import FastDecoder, fast_decoder_for
     from llama_vision_helpers.generation import prepare_inputs, user_message
 
     vlm = load_model("tiny-random", backend="transformers", load_in_4bit=True)
     inputs = prepare_inputs(vlm, [user_message("Describe the image.", with_image=True)], photo)
-    assert not fast_decoder_for(vlm).nf4_weights, "bitsandbytes' own kernels by default"
+    decoder = fast_decoder_for(vlm)
+    layers = len(decoder.text.layers)
+    assert len(decoder.nf4_weights) == 4 * layers, "every 4-bit group of every layer is read by the kernels"
+    calls, kernel = [], fast_decode.nf4_matmul
+    monkeypatch.setattr(fast_decode, "nf4_matmul", lambda x, w: calls.append(x.numel() // w.k) or kernel(x, w))
+    index, name = next(iter(decoder.nf4_weights))
+    for tokens in (1, 4):
+        x = torch.randn(tokens, 1, decoder.nf4_weights[index, name].k, dtype=torch.bfloat16, device="cuda")
+        got = torch.cat(decoder.project(index, name, x), dim=-1)
+        expected = torch.cat([m(x) for m in decoder.projections[index][name]], dim=-1)
+        assert float((got - expected).float().norm() / expected.float().norm()) < 1e-2
+    assert calls == [4], "by default one token goes to bitsandbytes' kernel, several to the nf4 kernels"
+    monkeypatch.undo()
     difference, _ = compare_fast_logits(vlm, inputs, steps=24)
     assert difference < 0.005, f"default fast loop: logits {100 * difference:.3f}% away from generate's"
 
-    vlm._fast_decoder = FastDecoder(vlm.model, use_nf4_kernel=True)
-    layers = len(vlm._fast_decoder.text.layers)
-    assert len(vlm._fast_decoder.nf4_weights) == 4 * layers, "every 4-bit group of every layer uses the kernel"
+    vlm._fast_decoder = FastDecoder(vlm.model, use_nf4_kernel=True)  # the kernels for one token too
     difference, agreement = compare_fast_logits(vlm, inputs, steps=24)
     print(f"\nnf4 kernel in the fast loop: max logit difference {100 * difference:.3f}%, top token agrees "
           f"{100 * agreement:.0f}%")
-    # bitsandbytes' one-token kernel (what generate uses) rounds each product to bf16; this kernel keeps float32
-    # products, so the two differ by more than rounding on the tiny model (the 11B figure is in the bench)
+    # bitsandbytes' one-token kernel (what generate uses) scales each weight before rounding its product to bf16
+    # and adds in its own order; the two differ by more than rounding on the tiny model (the 11B figure: bench)
     assert difference < 0.02 and agreement >= 0.9

@@ -5,7 +5,8 @@ import torch
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
-from llama_vision_helpers.nf4_gemv import NF4Unsupported, NF4Weight, nf4_kernel_available, random_nf4_linear  # noqa: E402
+from llama_vision_helpers.nf4_gemv import (NF4Unsupported, NF4Weight, lookup_asm, nf4_kernel_available,  # noqa: E402
+                                          products_asm, random_nf4_linear)
 
 
 def bnb_weight(module) -> torch.Tensor:
@@ -13,13 +14,15 @@ def bnb_weight(module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_joined_weights_dequantize_as_bitsandbytes_does(double_quant):
+@pytest.mark.parametrize("k", [512, 128])  # at 128 the k linear's 128 scales end mid-group of 256
+def test_joined_weights_dequantize_as_bitsandbytes_does(double_quant, k):
     torch.manual_seed(0)
-    modules = [random_nf4_linear(n, 512, "cpu", double_quant=double_quant) for n in (128, 64, 64)]
+    modules = [random_nf4_linear(n, k, "cpu", double_quant=double_quant) for n in (128, 64, 64)]
     expected = torch.cat([bnb_weight(m) for m in modules])
     joined = NF4Weight.from_linears(modules)
-    assert (joined.n, joined.k, joined.splits) == (256, 512, (128, 64, 64))
+    assert (joined.n, joined.k, joined.splits) == (256, k, (128, 64, 64))
     assert torch.equal(joined.dequantize(), expected)
+    assert all(torch.equal(bnb_weight(m), w) for m, w in zip(modules, expected.split([128, 64, 64])))
 
 
 def test_joining_moves_storage_without_changing_the_modules():
@@ -40,3 +43,78 @@ def test_other_layouts_are_refused(options):
 
 def test_the_kernel_is_for_cuda_only():
     assert not nf4_kernel_available("cpu")
+
+
+# --- the look-up PTX, run by a small interpreter of the instructions it uses -------------------------------
+
+def prmt(a: int, b: int, selectors: int) -> int:
+    """PTX `prmt.b32` in its default mode, for selectors without the sign bit (the look-up masks it off)."""
+    source = (b << 32) | a
+    return sum(((source >> (8 * ((selectors >> (4 * n)) & 7))) & 0xFF) << (8 * n) for n in range(4))
+
+
+def bf16_value(bits: int) -> torch.Tensor:
+    return torch.tensor([bits << 16], dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def bf16_bits(value: torch.Tensor) -> int:
+    return int(value.to(torch.bfloat16).view(torch.int16)) & 0xFFFF
+
+
+def mul_bf16x2(a: int, b: int) -> int:  # each half's product is exact in float32, then rounded to bf16
+    return sum(bf16_bits(bf16_value((a >> s) & 0xFFFF) * bf16_value((b >> s) & 0xFFFF)) << s for s in (0, 16))
+
+
+def add_f32(a: int, b: int) -> int:
+    def f(bits):
+        return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    return int((f(a) + f(b)).view(torch.int32)) & 0xFFFFFFFF
+
+
+PTX_OPS = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+           "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "prmt.b32": prmt,
+           "mul.rn.bf16x2": mul_bf16x2, "add.f32": add_f32}
+
+
+def run_ptx(ptx: str, registers: dict[str, int]) -> dict[str, int]:
+    for line in ptx.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line.startswith((".reg", "{", "}")):
+            continue
+        op, operands = line.split(None, 1)
+        target, *sources = [o.strip() for o in operands.split(",")]
+        values = [registers[o] if o in registers else int(o, 0) for o in sources]
+        registers[target] = PTX_OPS[op](*values) & 0xFFFFFFFF
+    return registers
+
+
+def nf4_code() -> torch.Tensor:
+    return NF4Weight.from_linears([random_nf4_linear(64, 256, "cpu")]).code
+
+
+def test_the_lookup_ptx_gives_each_bytes_two_code_values_high_nibble_first():
+    code = nf4_code()
+    bits = [bf16_bits(v) for v in code]
+    ptx = lookup_asm(code)
+    for first in range(0, 256, 4):  # every byte value, four to a 32-bit word
+        quad = sum((first + i) << (8 * i) for i in range(4))
+        out = run_ptx(ptx, {"$4": quad})
+        assert [out[f"${i}"] for i in range(4)] == [bits[b >> 4] | bits[b & 15] << 16 for b in range(first, first + 4)]
+
+
+def test_the_products_ptx_rounds_each_product_to_bf16_and_adds_in_float32():
+    torch.manual_seed(0)
+    code = nf4_code()
+    ptx = products_asm(code)
+    for _ in range(20):
+        packed = torch.randint(0, 256, (4,)).tolist()
+        x = torch.randn(8).to(torch.bfloat16)
+        pairs = (x.view(torch.int16).to(torch.int64) & 0xFFFF).view(4, 2)
+        registers = {"$4": sum(b << (8 * i) for i, b in enumerate(packed))}
+        registers.update({f"${5 + i}": int(pairs[i, 0] | pairs[i, 1] << 16) for i in range(4)})
+        out = run_ptx(ptx, registers)
+        for i, byte in enumerate(packed):
+            weights = code[[byte >> 4, byte & 15]].to(torch.bfloat16)
+            products = (weights * x[2 * i:2 * i + 2]).float()  # bf16 products, as the kernel rounds them
+            expected = int((products[0] + products[1]).view(torch.int32)) & 0xFFFFFFFF
+            assert out[f"${i}"] == expected

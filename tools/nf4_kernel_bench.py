@@ -71,11 +71,11 @@ def check(layers, batches) -> list[dict]:
             for m in batches:
                 x = torch.randn(m, joined.k, dtype=torch.bfloat16, device="cuda")
                 ref = reference(x, modules)
+                bnb_out = torch.cat([mod(x) for mod in modules], dim=-1).double()
+                bnb_err = float((bnb_out - ref).norm() / ref.norm())
                 out = torch.full((m, joined.n), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison
                 got = nf4_matmul(x, joined, out=out).double()
                 err = float((got - ref).norm() / ref.norm())
-                bnb_out = torch.cat([mod(x) for mod in modules], dim=-1).double()
-                bnb_err = float((bnb_out - ref).norm() / ref.norm())
                 ok = bool(torch.isfinite(got).all()) and err < 1e-2
                 rows.append({"group": name, "n": joined.n, "k": joined.k, "batch": m, "rel_err": err,
                              "bnb_rel_err": bnb_err, "ok": ok})
@@ -158,14 +158,6 @@ def time_variants(layers, batches, skip_bf16: bool) -> list[dict]:
                 None)
         except Exception as err:  # layout or version mismatch: leave it out, say why
             print(f"int4 tinygemm left out: {type(err).__name__}: {err}"[:300], flush=True)
-    xs = {k: torch.randn(1, k, dtype=torch.bfloat16, device="cuda") for k in (HIDDEN, INTERMEDIATE)}
-    for exact, ablate, name in [(False, 0, "nf4 kernel, scale applied to each block's sum (not exact)"),
-                                (False, 1, "  ablation: no code look-up"), (False, 2, "  ablation: no activations"),
-                                (False, 3, "  ablation: only read the bytes")]:
-        seconds = graph_time(lambda: [nf4_matmul(xs[w.k], w, exact=exact, ablate=ablate)
-                                      for ws in joined for w in ws.values()])
-        rows.append({"variant": name, "batch": 1, "ms": 1000 * seconds, "gbs": weight_bytes / seconds / 1e9})
-        print(f"time {name:40} batch  1: {1000 * seconds:7.3f} ms", flush=True)
     for m in batches:
         xs = {k: torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for k in (HIDDEN, INTERMEDIATE)}
         for name, fn in variants.items():
@@ -194,8 +186,11 @@ def report_compiled(out: str | None) -> None:
             for compiled in device_cache[0].values():
                 print(f"compiled {kernel.fn.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spills, "
                       f"{compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
-                if out and kernel is nf4_gemv._nf4_matvec_kernel:
-                    Path(out, "nf4_matvec.ptx").write_text(compiled.asm["ptx"])
+                if out:
+                    Path(out).mkdir(parents=True, exist_ok=True)
+                    Path(out, f"{kernel.fn.__name__}.ptx").write_text(compiled.asm["ptx"])
+                    if "sass" in compiled.asm:
+                        Path(out, f"{kernel.fn.__name__}.sass").write_text(compiled.asm["sass"])
 
 
 def copy_gbs() -> float:
