@@ -18,7 +18,7 @@ says whether they can run for a device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -58,11 +58,10 @@ class NF4Weight:
     k: int
     splits: tuple[int, ...]
     dtype: torch.dtype
-    ptx: tuple[str, str] = ("", "")  # the code look-up: `lookup_asm`, `products_asm` (made once, off the GPU)
+    ptx: tuple[str, str] = field(init=False)  # `lookup_asm`, `products_asm` of `code` (made once, off the GPU)
 
     def __post_init__(self) -> None:
-        if not self.ptx[0]:
-            self.ptx = (lookup_asm(self.code), products_asm(self.code))
+        self.ptx = (lookup_asm(self.code), products_asm(self.code))
 
     @classmethod
     def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
@@ -118,14 +117,22 @@ class NF4Weight:
         """The float32 scale of each block of 64 weights."""
         if self.code2 is None:
             return self.absmax
-        groups = torch.arange(self.absmax.numel(), device=self.absmax.device) // NESTED_BLOCK_SIZE
-        return self.code2[self.absmax.long()] * self.absmax2[groups] + self.offset2[groups]
+        return _nested_scales(self.absmax, self.code2, self.absmax2, self.offset2)
+
+
+def _nested_scales(absmax: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor,
+                   offset2: torch.Tensor) -> torch.Tensor:
+    """Float32 block scales from double-quantized ones (8-bit `absmax`, a second level per group of 256), as
+    bitsandbytes computes them."""
+    groups = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCK_SIZE
+    return code2[absmax.long()] * absmax2[groups] + offset2[groups]
 
 
 def _float_scales(state: Any) -> torch.Tensor:
-    """The float32 scale of each block of a double-quantized bnb weight, as bitsandbytes computes them."""
-    groups = torch.arange(state.absmax.numel(), device=state.absmax.device) // NESTED_BLOCK_SIZE
-    return state.state2.code.float()[state.absmax.long()] * state.state2.absmax.float()[groups] + float(state.offset)
+    """The float32 scale of each block of one double-quantized bnb weight."""
+    absmax2 = state.state2.absmax.float()
+    offset2 = torch.full_like(absmax2, float(state.offset))
+    return _nested_scales(state.absmax, state.state2.code.float(), absmax2, offset2)
 
 
 def _check_layout(module: Any) -> Any:
@@ -153,7 +160,8 @@ def nf4_kernel_available(device: torch.device | str) -> bool:
 # A nibble's code value (bf16, as bitsandbytes' one-token kernel holds its code) is two bytes. `prmt` picks 4 bytes
 # out of 8 by 3-bit selectors, so 4 nibbles are looked up in a table of 8 entries with one instruction: entries
 # 0-7 and 8-15 are looked up apart and the nibbles' top bits pick between the two, for the low and the high bytes;
-# two more permutes put each value's bytes together. 20 integer instructions for 8 nibbles, and no memory access.
+# two more permutes put each value's bytes together: 16 permutes and 6 logic instructions for 8 nibbles, no
+# memory access.
 PAIR_SELECTORS = (0x4051, 0x6273)  # (low, high) bytes of byte 0's two values, then byte 1's, high nibble first
 
 
