@@ -43,6 +43,8 @@ class _State:
     key_positions: torch.Tensor
     keys: dict[int, torch.Tensor]
     values: dict[int, torch.Tensor]
+    # the image's cross-attention keys/values and masks: one row shared by every row (a prompt's k samples) or
+    # one per row (the batched decoder's slots)
     cross_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     cross_values: dict[int, torch.Tensor] = field(default_factory=dict)
     cross_mask: torch.Tensor | None = None
@@ -83,15 +85,10 @@ class FastDecoder:
         self.projections = {index: self._projection_groups(index, layer) for index, layer in enumerate(self.text.layers)}
         self.projections["lm_head"] = {"lm_head": [model.lm_head]}
         if use_nf4_kernel is None:
-            # The default: the nf4 kernels for steps of several tokens (k samples, the engine's slots), where they
-            # are 2.5x faster than bitsandbytes' dequantize + cuBLAS; one token keeps bitsandbytes' own kernel, the
-            # one `generate` runs, so the fast loop reproduces its logits exactly (docs/bench/decode-notes.md).
-            # LLAMA_VISION_NF4_KERNEL=1: the kernels for one token too; 0: never.
-            setting = os.environ.get("LLAMA_VISION_NF4_KERNEL", "")
-            use_nf4_kernel = setting != "0"
-            self.nf4_min_tokens = 1 if setting == "1" else 2
-        else:
-            self.nf4_min_tokens = 1
+            # The default on CUDA: bitsandbytes nf4 weights go through the nf4 kernels, one token bit for bit as
+            # bitsandbytes' own one-token kernel (the one `generate` runs), several tokens (k samples, the engine's
+            # slots) on the tensor cores (docs/bench/decode-notes.md). LLAMA_VISION_NF4_KERNEL=0 turns them off.
+            use_nf4_kernel = os.environ.get("LLAMA_VISION_NF4_KERNEL", "") != "0"
         use_kernel = use_nf4_kernel and nf4_kernel_available(self.device)
         self.nf4_weights: dict[tuple[Any, str], Any] = self._join_nf4_weights() if use_kernel else {}
         # on a GPU, plain linears of a group are joined too (one product instead of three or two)
@@ -145,13 +142,12 @@ class FastDecoder:
         """The outputs of one group of linears (`projections[index][name]`) for the decode input `x`.
 
         The hook every decode path calls for its matrix products: bitsandbytes nf4 weights go through the 4-bit
-        kernels (`nf4_gemv.nf4_matmul`, one launch for the whole group) from `nf4_min_tokens` tokens on,
-        anything else through the modules."""
+        kernels (`nf4_gemv.nf4_matmul`, one launch for the whole group), anything else through the modules."""
         dense = self.dense_weights.get((index, name))
         if dense is not None:
             return F.linear(x, dense[0]).split(dense[1], dim=-1)
         weight = self.nf4_weights.get((index, name))
-        if weight is None or x.numel() // weight.k < self.nf4_min_tokens:
+        if weight is None:
             return tuple(module(x) for module in self.projections[index][name])
         return nf4_matmul(x, weight).split(weight.splits, dim=-1)
 
@@ -185,8 +181,15 @@ class FastDecoder:
         (q,) = self.project(index, "q", x)
         q = ops.head_rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon, self.num_heads,
                               self.head_dim)
-        out = F.scaled_dot_product_attention(q, state.cross_keys[index], state.cross_values[index],
-                                             attn_mask=state.cross_mask, scale=attention.scaling, enable_gqa=True)
+        keys, values = state.cross_keys[index], state.cross_values[index]
+        if keys.shape[0] == 1 < batch:
+            # rows that share one image (k samples of a prompt): their queries attend together, as one row's
+            # several query positions, so the image's keys and values are read once a step, not once a row
+            out = F.scaled_dot_product_attention(q.transpose(0, 2), keys, values, attn_mask=state.cross_mask,
+                                                 scale=attention.scaling, enable_gqa=True).transpose(0, 2)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=state.cross_mask, scale=attention.scaling,
+                                                 enable_gqa=True)
         (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
         norm = layer.post_attention_layernorm
         hidden, x = ops.gated_add_rms_norm(hidden, o, attention_gate, norm.weight, norm.variance_epsilon)
@@ -236,12 +239,12 @@ class FastDecoder:
             values={i: torch.zeros(shape, **kv) for i in self_layers},
             logits=torch.zeros((batch, vocab), **kv),
         )
-        if vision_tokens is not None:
-            cross_shape = (batch, self.num_kv_heads, vision_tokens, self.head_dim)
+        if vision_tokens is not None:  # one prompt's image, shared by its rows (the k samples)
+            cross_shape = (1, self.num_kv_heads, vision_tokens, self.head_dim)
             state.cross_keys = {i: torch.zeros(cross_shape, **kv) for i in self.cross_layers}
             state.cross_values = {i: torch.zeros(cross_shape, **kv) for i in self.cross_layers}
-            state.cross_mask = torch.zeros((batch, 1, 1, vision_tokens), **kv)
-            state.row_mask = torch.zeros((batch, 1, 1), **kv)
+            state.cross_mask = torch.zeros((1, 1, 1, vision_tokens), **kv)
+            state.row_mask = torch.zeros((1, 1, 1), **kv)
         self._states[key] = state
         return state
 
@@ -300,11 +303,11 @@ class FastDecoder:
             state.values[index][:, :, :prompt_length].copy_(layer.values.expand(batch, -1, -1, -1))
         if has_image:
             for index in self.cross_layers:
-                state.cross_keys[index].copy_(cache.layers[index].keys.expand(batch, -1, -1, -1))
-                state.cross_values[index].copy_(cache.layers[index].values.expand(batch, -1, -1, -1))
+                state.cross_keys[index].copy_(cache.layers[index].keys)
+                state.cross_values[index].copy_(cache.layers[index].values)
             cross_mask, row_mask = self.image_masks(inputs)
-            state.cross_mask.copy_(cross_mask.expand(batch, -1, -1, -1))
-            state.row_mask.copy_(row_mask.expand(batch, -1, -1))
+            state.cross_mask.copy_(cross_mask)
+            state.row_mask.copy_(row_mask)
         return state, output.logits[:, -1, :].float().expand(batch, -1)
 
     def _decode(self, state: _State, tokens: torch.Tensor, position: int) -> torch.Tensor:

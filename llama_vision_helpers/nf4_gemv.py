@@ -5,11 +5,16 @@ high nibble first), each nibble an index into the 16-value NF4 code; every block
 (`absmax`). With double quantization the scales are themselves bytes: scale = code2[byte] * absmax2[block // 256]
 + offset. The kernels here read those bytes as stored (nothing is repacked) and look each nibble's code value
 (in bf16, as bitsandbytes' one-token kernel holds it) up by byte permutes in registers, no memory access
-(`permute_tables`). One token: each code-activation product rounded to bf16 as bitsandbytes' one-token kernel
-rounds its products, added in float32, times the block's scale. 2..32 tokens: weights scaled and rounded to
-bf16 in registers, products on the tensor cores. K is split over programs when a launch would otherwise have
-too few; the last program of a tile to finish adds the parts up, so each product is one launch. Measured
-against bitsandbytes and other kernels: docs/bench/decode-notes.md.
+(`permute_tables`).
+
+One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`) reproduced bit for bit, so the fast loop keeps
+`generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in order),
+each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then to
+the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. 2..32 tokens: weights scaled
+and rounded to bf16 in registers (bitsandbytes' dequantized values), products on the tensor cores. K (or the
+lanes) are split over programs when a launch would otherwise have too few; the last program of a tile to finish
+adds the parts up, so each product is one launch. Measured against bitsandbytes and other kernels:
+docs/bench/decode-notes.md.
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -43,9 +48,9 @@ class NF4Unsupported(ValueError):
 class NF4Weight:
     """One or several bnb nf4 linears with the same input, joined row-wise: (N, K) with N = sum of their outputs.
 
-    `packed`: (N, K/2) uint8. `absmax`: (N*K/64,) uint8 with `code2`/`absmax2`/`offset2` (double quantization)
-    or float32 scales with the three others None. `code`: the 16 nf4 values (float32). `splits`: the output
-    sizes of the joined linears, in order.
+    `packed`: (N, K/2) uint8. `absmax`: (N*K/64,) uint8 with `code2`/`absmax2`/`offset2` (double quantization,
+    one second-level scale per `nested_block` blocks) or float32 scales with the three others None. `code`: the
+    16 nf4 values (float32). `splits`: the output sizes of the joined linears, in order.
     """
 
     packed: torch.Tensor
@@ -58,10 +63,11 @@ class NF4Weight:
     k: int
     splits: tuple[int, ...]
     dtype: torch.dtype
-    ptx: tuple[str, str] = field(init=False)  # `lookup_asm`, `products_asm` of `code` (made once, off the GPU)
+    nested_block: int = NESTED_BLOCK_SIZE
+    ptx: tuple[str, str] = field(init=False)  # `lookup_asm`, `lane_step_asm` of `code` (made once, off the GPU)
 
     def __post_init__(self) -> None:
-        self.ptx = (lookup_asm(self.code), products_asm(self.code))
+        self.ptx = (lookup_asm(self.code), lane_step_asm(self.code))
 
     @classmethod
     def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
@@ -82,17 +88,17 @@ class NF4Weight:
             else modules[0].weight.data.reshape(-1).view(torch.uint8)
         absmax = torch.cat([s.absmax.reshape(-1) for s in states]) if len(states) > 1 else states[0].absmax.reshape(-1)
         code2 = absmax2 = offset2 = None
+        nested_block = NESTED_BLOCK_SIZE
         if nested:
             code2 = states[0].state2.code.float()
             if any(not torch.equal(s.state2.code.float(), code2) for s in states):
                 raise NF4Unsupported("joined linears must share the nested code")
-            absmax2 = torch.cat([s.state2.absmax.float().reshape(-1) for s in states])
-            offset2 = torch.cat([torch.full((s.state2.absmax.numel(),), float(s.offset), device=absmax2.device)
-                                 for s in states])
             if any(s.absmax.numel() % NESTED_BLOCK_SIZE for s in states[:-1]):
-                # a group of 256 nested scales would straddle two linears: the joined weight keeps float32 scales
-                absmax = torch.cat([_float_scales(s) for s in states])
-                code2 = absmax2 = offset2 = None
+                # a group of 256 nested scales would straddle two linears: each block gets its own second level
+                nested_block = 1
+            second = [_second_level(s, nested_block) for s in states]
+            absmax2 = torch.cat(second)
+            offset2 = torch.cat([torch.full_like(a, float(s.offset)) for a, s in zip(second, states)])
         else:
             absmax = absmax.float()
         if share_storage and len(modules) > 1:
@@ -101,12 +107,13 @@ class NF4Weight:
                 n_bytes, n_blocks = module.weight.data.numel() * module.weight.data.element_size(), state.absmax.numel()
                 module.weight.data = packed[byte_start:byte_start + n_bytes].view(module.weight.dtype) \
                     .view(module.weight.data.shape)
-                if code2 is not None:
+                if nested:
                     state.absmax = absmax[block_start:block_start + n_blocks]
                 byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
         n = sum(s.shape[0] for s in states)
         return cls(packed=packed.view(n, k // 2), absmax=absmax, code2=code2, absmax2=absmax2, offset2=offset2,
-                   code=code, n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype)
+                   code=code, n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype,
+                   nested_block=nested_block)
 
     def dequantize(self) -> torch.Tensor:
         """The (N, K) weight in `dtype`, computed as bitsandbytes does (float32 products, rounded once)."""
@@ -114,25 +121,21 @@ class NF4Weight:
         return (self.code[nibbles].view(-1, BLOCK_SIZE) * self.scales().view(-1, 1)).view(self.n, self.k).to(self.dtype)
 
     def scales(self) -> torch.Tensor:
-        """The float32 scale of each block of 64 weights."""
+        """The float32 scale of each block of 64 weights, as bitsandbytes' `dequantize_4bit` computes it (the
+        second-level product rounded, then the offset added; its one-token kernel fuses the two, as the kernels
+        here do)."""
         if self.code2 is None:
             return self.absmax
-        return _nested_scales(self.absmax, self.code2, self.absmax2, self.offset2)
+        groups = torch.arange(self.absmax.numel(), device=self.absmax.device) // self.nested_block
+        return self.code2[self.absmax.long()] * self.absmax2[groups] + self.offset2[groups]
 
 
-def _nested_scales(absmax: torch.Tensor, code2: torch.Tensor, absmax2: torch.Tensor,
-                   offset2: torch.Tensor) -> torch.Tensor:
-    """Float32 block scales from double-quantized ones (8-bit `absmax`, a second level per group of 256), as
-    bitsandbytes computes them."""
-    groups = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCK_SIZE
-    return code2[absmax.long()] * absmax2[groups] + offset2[groups]
-
-
-def _float_scales(state: Any) -> torch.Tensor:
-    """The float32 scale of each block of one double-quantized bnb weight."""
-    absmax2 = state.state2.absmax.float()
-    offset2 = torch.full_like(absmax2, float(state.offset))
-    return _nested_scales(state.absmax, state.state2.code.float(), absmax2, offset2)
+def _second_level(state: Any, nested_block: int) -> torch.Tensor:
+    """A double-quantized weight's second-level scales (float32), one per `nested_block` blocks."""
+    absmax2 = state.state2.absmax.float().reshape(-1)
+    if nested_block == NESTED_BLOCK_SIZE:
+        return absmax2
+    return absmax2.repeat_interleave(NESTED_BLOCK_SIZE // nested_block)[:state.absmax.numel() // nested_block]
 
 
 def _check_layout(module: Any) -> Any:
@@ -195,15 +198,22 @@ def lookup_asm(code: torch.Tensor) -> str:
     return "{\n.reg .b32 t<8>, m, s, a, b, l, h;\n" + body + "\n}"
 
 
-def products_asm(code: torch.Tensor) -> str:
-    """Inline PTX (pack=4 over packed bytes): outputs $0-$3 are, for each of the 4 bytes in $4, its two code
-    values times the two activations of their columns ($5-$8, bf16 pairs), each product rounded to bf16 as in
-    bitsandbytes' one-token kernel, added in float32."""
-    body = [_permute_lookup_ptx(permute_tables(code), "$4", ["p0", "p1", "p2", "p3"])]
+LANES = 32  # bitsandbytes' one-token kernel reads a row with one warp
+LANE_WEIGHTS = 32  # weights a lane adds, in order, of every LANES * LANE_WEIGHTS
+
+
+def lane_step_asm(code: torch.Tensor) -> str:
+    """Inline PTX for a quarter of one lane's step in bitsandbytes' one-token kernel: $1 the lane's float32 sum,
+    $2 the block's float32 scale, $3 a word of 4 packed bytes, $4-$7 the 8 activations of their weights (bf16
+    pairs); $0 the new sum. As bitsandbytes: the scale rounded to bf16, each weight code * scale rounded to bf16,
+    each product rounded to bf16, a byte's two products added in float32 and then added to the sum."""
+    body = [_permute_lookup_ptx(permute_tables(code), "$3", ["p0", "p1", "p2", "p3"]),
+            "cvt.rn.bf16x2.f32 sc, $2, $2;", "mov.b32 acc, $1;"]
     for i in range(4):
-        body += [f"mul.rn.bf16x2 q, p{i}, ${5 + i};", "shl.b32 c, q, 16;", "and.b32 d, q, 0xffff0000;",
-                 f"add.f32 ${i}, c, d;"]
-    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, q, c, d;\n" + "\n".join(body) + "\n}"
+        body += [f"mul.rn.bf16x2 w, p{i}, sc;", f"mul.rn.bf16x2 q, w, ${4 + i};", "shl.b32 c, q, 16;",
+                 "and.b32 d, q, 0xffff0000;", "add.f32 e, c, d;", "add.f32 acc, acc, e;"]
+    body.append("mov.b32 $0, acc;")
+    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc, acc, w, q, c, d, e;\n" + "\n".join(body) + "\n}"
 
 
 TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
@@ -224,10 +234,10 @@ if triton is not None:
     @triton.jit
     def _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, block, NESTED: tl.constexpr,
                NESTED_BLOCK: tl.constexpr):
-        if NESTED:
+        if NESTED:  # one fused multiply-add, as bitsandbytes' kernels compute it
             q = tl.load(absmax_ptr + block).to(tl.int32)
             group = block // NESTED_BLOCK
-            return tl.load(code2_ptr + q) * tl.load(absmax2_ptr + group) + tl.load(offset2_ptr + group)
+            return tl.fma(tl.load(code2_ptr + q), tl.load(absmax2_ptr + group), tl.load(offset2_ptr + group))
         else:
             return tl.load(absmax_ptr + block)
 
@@ -238,7 +248,8 @@ if triton is not None:
         on read as zeros) and their float32 scales (rows, BLOCK_G)."""
         blocks_per_row = K // 64
         groups = g0 + tl.arange(0, BLOCK_G)
-        offsets = rows[:, None, None] * (K // 2) + groups[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
+        # rows * (K // 64) * 32, not rows * (K // 2): Triton then knows each row starts 32-byte aligned
+        offsets = rows[:, None, None] * (K // 64) * 32 + groups[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
         byte = tl.load(packed_ptr + offsets, mask=(groups < last)[None, :, None], other=0,
                        eviction_policy="evict_first")
         scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
@@ -254,63 +265,105 @@ if triton is not None:
         return even, odd
 
     @triton.jit
-    def _finish(acc, out_offsets, out_mask, out_ptr, work_ptr, count_ptr, tile, part, splits, part_stride):
-        """Write the tile; with K split over several programs, each writes its partial sums to the workspace
-        and the last to arrive adds them up and writes the output (one launch, no atomics on the output)."""
-        if splits == 1:
-            tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            tl.store(work_ptr + part * part_stride + out_offsets, acc, mask=out_mask)
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if arrived == splits - 1:
-                tl.debug_barrier()
-                total = tl.zeros_like(acc)
-                for other in range(0, splits):
-                    total += tl.load(work_ptr + other * part_stride + out_offsets, mask=out_mask, other=0.0,
-                                     cache_modifier=".cg")
-                tl.store(out_ptr + out_offsets, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replay)
+    def _lane_quarter(acc, scale, word, x_word, active, STEP: tl.constexpr):
+        """Each lane's sum (R, C) plus its next 8 weights: the 4 bytes at `word` (R, C) against the 8 activations
+        in the 4 words from `x_word` (C,). Separate 4-byte loads keep every tensor in one layout."""
+        weights = tl.load(word, mask=active[None, :], other=0, eviction_policy="evict_first")
+        a0 = tl.broadcast_to(tl.load(x_word, mask=active, other=0)[None, :], acc.shape)
+        a1 = tl.broadcast_to(tl.load(x_word + 1, mask=active, other=0)[None, :], acc.shape)
+        a2 = tl.broadcast_to(tl.load(x_word + 2, mask=active, other=0)[None, :], acc.shape)
+        a3 = tl.broadcast_to(tl.load(x_word + 3, mask=active, other=0)[None, :], acc.shape)
+        return tl.inline_asm_elementwise(STEP, "=r,r,r,r,r,r,r,r", [acc, scale, weights, a0, a1, a2, a3],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _halve(x):
+        """(R, C) -> (R, C/2): column c plus column c + C/2 (one step of bitsandbytes' warp reduction)."""
+        return tl.sum(tl.reshape(x, (x.shape[0], 2, x.shape[1] // 2)), axis=1)
+
+    @triton.jit
+    def _tree_sum(x, WIDTH: tl.constexpr):
+        """(R, WIDTH) -> (R,), adding in the order of a warp's shuffle-down reduction (offsets WIDTH/2, ..., 1)."""
+        if WIDTH >= 32:
+            x = _halve(x)
+        if WIDTH >= 16:
+            x = _halve(x)
+        if WIDTH >= 8:
+            x = _halve(x)
+        if WIDTH >= 4:
+            x = _halve(x)
+        if WIDTH >= 2:
+            x = _halve(x)
+        return tl.reshape(x, (x.shape[0],))
+
+    @triton.jit
+    def _arrive(partial, offsets, mask, work_ptr, count_ptr, tile, part, splits, part_stride):
+        """Store this program's partial sums; True in the last program of the tile to arrive (which then reads
+        every part back and resets the tile's counter with `_leave`)."""
+        tl.store(work_ptr + part * part_stride + offsets, partial, mask=mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+        return arrived == splits - 1
+
+    @triton.jit
+    def _leave(count_ptr, tile):
+        tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next launch (and CUDA-graph replay)
 
     def _matvec_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
-                for bn, bg, w, s in [(8, 4, 4, 3), (16, 4, 4, 3), (32, 2, 4, 3), (16, 8, 4, 3), (8, 8, 4, 3),
-                                     (32, 4, 8, 3), (64, 2, 8, 3), (16, 4, 2, 3), (32, 4, 4, 2), (64, 1, 4, 3)]]
+        return [triton.Config({"BLOCK_N": bn, "SPLITS": sp}, num_warps=w)
+                for bn, sp, w in [(4, 1, 4), (8, 1, 4), (16, 1, 4), (8, 2, 4), (16, 2, 4), (16, 4, 4), (32, 1, 8),
+                                  (32, 2, 8), (8, 1, 2)]]
 
     def _matmul_configs():
         return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
                 for bn, bg, w, s in [(64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 4, 3), (128, 2, 8, 3), (64, 4, 4, 2),
-                                     (128, 2, 4, 2)]]
+                                     (128, 2, 4, 2), (32, 2, 2, 3), (32, 4, 4, 3), (64, 2, 4, 4), (256, 1, 8, 3),
+                                     (128, 4, 8, 3), (64, 2, 8, 3)]]
 
-    @triton.autotune(configs=_matvec_configs(), key=["N", "K"])
+    def _fitting_configs(configs, named_args, **kwargs):
+        """Split configurations only where the workspace holds the outputs."""
+        return [c for c in configs if c.kwargs["SPLITS"] == 1 or named_args["N"] <= MAX_ROWS]
+
+    @triton.autotune(configs=_matvec_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _fitting_configs})
     @triton.jit
     def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
-                           count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, PRODUCTS: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """One token: out[n] = sum_k x[k] * W[n, k]. Program (i, s): BLOCK_N rows, part s of K, BLOCK_G blocks of
-        64 weights a step. `PRODUCTS` (PTX from `products_asm`) looks 4 bytes up and multiplies them by their
-        activations at once; the block's scale multiplies each byte's float32 sum."""
-        tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(rows, N - 1)  # the last tile recomputes a row rather than masking every load
-        blocks_per_row = K // 64
-        per_part = tl.cdiv(blocks_per_row, splits)
-        first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
-        j = tl.arange(0, 32)
-        acc = tl.zeros((BLOCK_N, BLOCK_G, 32), dtype=tl.float32)
-        for g0 in range(first, last, BLOCK_G):
-            byte, scale = _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last,
-                                         K, NESTED, NESTED_BLOCK, BLOCK_G)
-            groups = g0 + tl.arange(0, BLOCK_G)
-            pairs = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + groups[:, None] * 32 + j[None, :],
-                            mask=(groups < last)[:, None], other=0)  # two bf16 activations a word, as a byte's weights
-            sums = tl.inline_asm_elementwise(PRODUCTS, "=r,=r,=r,=r,r,r,r,r,r",
-                                             [byte, tl.broadcast_to(pairs[None, :, :], byte.shape)],
-                                             dtype=tl.float32, is_pure=True, pack=4)
-            acc += sums * scale[:, :, None]
+                           count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, STEP: tl.constexpr,
+                           BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+        """One token, bit for bit as bitsandbytes' one-token kernel: out[n] = sum_k x[k] * W[n, k].
+
+        Program (i, s): BLOCK_N rows; of the 32 lanes of each row, lanes s, s + SPLITS, ... Each lane adds its
+        32 weights of every 1024 in order (`STEP`, PTX from `lane_step_asm`, a word of 4 bytes at a time); the
+        lane sums are then added in the warp reduction's order, the program's lanes first (they form the node
+        of that order for residue s), the SPLITS parts last."""
+        tile, part = tl.program_id(0), tl.program_id(1)
+        WIDTH: tl.constexpr = 32 // SPLITS
+        rows = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # the last tile recomputes a row
+        first = part + SPLITS * tl.arange(0, WIDTH)  # lane numbers, then their first weight of each step
+        words = packed_ptr.to(tl.pointer_type(tl.int32))
+        x_words = x_ptr.to(tl.pointer_type(tl.int32))  # two bf16 activations a word, as a byte's weights
+        acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
+        for k0 in range(0, K, 1024):
+            start = k0 + first * 32
+            active = start < K  # lanes past the end add nothing (their scale and activations read as zeros)
+            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
+                           rows[:, None] * (K // 64) + (tl.minimum(start, K - 1) // 64)[None, :], NESTED, NESTED_BLOCK)
+            scale = tl.where(active[None, :], scale, 0.0)
+            word = words + rows[:, None] * (K // 8) + (start // 8)[None, :]  # the lane's 4 words of packed bytes
+            x_word = x_words + start // 2  # and its 16 words of activations
+            for quarter in tl.static_range(4):
+                acc = _lane_quarter(acc, scale, word + quarter, x_word + 4 * quarter, active, STEP)
+        partial = _tree_sum(acc, WIDTH)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        _finish(tl.sum(tl.sum(acc, axis=2), axis=1), out_rows, out_rows < N, out_ptr, work_ptr, count_ptr, tile,
-                part, splits, N)
+        if SPLITS == 1:
+            tl.store(out_ptr + out_rows, partial.to(out_ptr.dtype.element_ty), mask=out_rows < N)
+        else:
+            if _arrive(partial, out_rows, out_rows < N, work_ptr, count_ptr, tile, part, SPLITS, N):
+                tl.debug_barrier()
+                parts = tl.load(work_ptr + tl.arange(0, SPLITS)[None, :] * N + out_rows[:, None],
+                                mask=(out_rows < N)[:, None], other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + out_rows, _tree_sum(parts, SPLITS).to(out_ptr.dtype.element_ty),
+                         mask=out_rows < N)
+                _leave(count_ptr, tile)
 
     @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M"])
     @triton.jit
@@ -319,7 +372,7 @@ if triton is not None:
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes,
         scaled and rounded to bf16 in registers (the weights as the product's first operand), products on the
-        tensor cores; K split as in the matvec."""
+        tensor cores. K is split over the grid's second axis; the last part to arrive adds the parts up."""
         tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
@@ -343,8 +396,17 @@ if triton is not None:
             acc = tl.dot(weights, x, acc)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offsets = tokens[None, :] * N + out_rows[:, None]
-        _finish(acc, offsets, (tokens[None, :] < M) & (out_rows[:, None] < N), out_ptr, work_ptr, count_ptr,
-                tile, part, splits, M * N)
+        mask = (tokens[None, :] < M) & (out_rows[:, None] < N)
+        if splits == 1:
+            tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            if _arrive(acc, offsets, mask, work_ptr, count_ptr, tile, part, splits, M * N):
+                tl.debug_barrier()
+                total = tl.zeros_like(acc)
+                for other in range(0, splits):
+                    total += tl.load(work_ptr + other * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
+                _leave(count_ptr, tile)
 
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -381,17 +443,17 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     work, counts = _workspace(x.device)
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
             weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, out, work, counts)
-    blocks_per_row = weight.k // BLOCK_SIZE
-
-    def grid(meta):
-        tiles = triton.cdiv(weight.n, meta["BLOCK_N"])
-        return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
-
     if m == 1:
-        _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
-                                 PRODUCTS=weight.ptx[1])
+        _nf4_matvec_kernel[lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"])](
+            *args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block, STEP=weight.ptx[1])
     else:
-        _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=NESTED_BLOCK_SIZE,
+        blocks_per_row = weight.k // BLOCK_SIZE
+
+        def grid(meta):
+            tiles = triton.cdiv(weight.n, meta["BLOCK_N"])
+            return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
+
+        _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
                                  LOOKUP=weight.ptx[0], BLOCK_M=16 if m <= 16 else 32)
     return out.view(*shape[:-1], weight.n)
 

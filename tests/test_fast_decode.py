@@ -1,5 +1,7 @@
 """The fast decode loop against Hugging Face `generate`, on CPU (the same loop without the CUDA graph)."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import MinPLogitsWarper, TemperatureLogitsWarper
@@ -22,6 +24,36 @@ def test_greedy_matches_generate_token_for_token(vlm, decoder, photo):
     inputs = image_inputs(vlm, photo)
     expected = vlm.model.generate(**inputs, max_new_tokens=48, do_sample=False)
     assert torch.equal(decoder.generate(inputs, max_new_tokens=48, do_sample=False), expected)
+
+
+def test_rows_sharing_one_image_each_follow_the_single_row(vlm, decoder, photo):
+    # k rows of one prompt read the image's keys and values once, their queries side by side
+    inputs = image_inputs(vlm, photo)
+    single = decoder.generate(inputs, max_new_tokens=24, do_sample=False)
+    rows = decoder.generate(inputs, max_new_tokens=24, do_sample=False, num_return_sequences=3)
+    assert rows.shape[0] == 3 and all(torch.equal(row, single[0]) for row in rows)
+    state = next(s for s in decoder._states.values() if s.batch == 3)
+    assert all(keys.shape[0] == 1 for keys in state.cross_keys.values())
+
+
+def test_rows_sharing_one_image_attend_as_rows_with_their_own_copy(vlm, decoder, photo, monkeypatch):
+    decoder.generate(image_inputs(vlm, photo), max_new_tokens=2, do_sample=False, num_return_sequences=3)
+    shared = next(s for s in decoder._states.values() if s.batch == 3 and s.cross_mask is not None)
+    copied = dataclasses.replace(
+        shared, cross_keys={i: k.expand(3, -1, -1, -1) for i, k in shared.cross_keys.items()},
+        cross_values={i: v.expand(3, -1, -1, -1) for i, v in shared.cross_values.items()},
+        cross_mask=shared.cross_mask.expand(3, -1, -1, -1), row_mask=shared.row_mask.expand(3, -1, -1))
+    index = min(decoder.cross_layers)
+    # tiny-random's gates are zero (as a fresh Mllama's are), which would hide the attention's output
+    monkeypatch.setitem(decoder.gates, index, (torch.tensor(0.5), torch.tensor(0.5)))
+    torch.manual_seed(0)
+    hidden, delta = (torch.randn(3, 1, vlm.model.config.text_config.hidden_size, dtype=decoder.dtype) for _ in "hd")
+    layer = decoder.text.layers[index]
+    with torch.inference_mode():
+        got = decoder._cross_attention_layer(layer, index, hidden, delta, shared)
+        expected = decoder._cross_attention_layer(layer, index, hidden, delta, copied)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
 
 
 def test_greedy_matches_generate_without_an_image(vlm, decoder):

@@ -5,8 +5,8 @@ import torch
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
-from llama_vision_helpers.nf4_gemv import (NF4Unsupported, NF4Weight, lookup_asm, nf4_kernel_available,  # noqa: E402
-                                          products_asm, random_nf4_linear)
+from llama_vision_helpers.nf4_gemv import (NF4Unsupported, NF4Weight, lane_step_asm, lookup_asm,  # noqa: E402
+                                          nf4_kernel_available, random_nf4_linear)
 
 
 def bnb_weight(module) -> torch.Tensor:
@@ -22,6 +22,7 @@ def test_joined_weights_dequantize_as_bitsandbytes_does(double_quant, k):
     joined = NF4Weight.from_linears(modules)
     assert (joined.n, joined.k, joined.splits) == (256, k, (128, 64, 64))
     assert torch.equal(joined.dequantize(), expected)
+    assert joined.nested_block == (1 if double_quant and k == 128 else 256)
     assert all(torch.equal(bnb_weight(m), w) for m, w in zip(modules, expected.split([128, 64, 64])))
 
 
@@ -65,15 +66,21 @@ def mul_bf16x2(a: int, b: int) -> int:  # each half's product is exact in float3
     return sum(bf16_bits(bf16_value((a >> s) & 0xFFFF) * bf16_value((b >> s) & 0xFFFF)) << s for s in (0, 16))
 
 
+def f32(bits: int) -> torch.Tensor:
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
 def add_f32(a: int, b: int) -> int:
-    def f(bits):
-        return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)
-    return int((f(a) + f(b)).view(torch.int32)) & 0xFFFFFFFF
+    return int((f32(a) + f32(b)).view(torch.int32)) & 0xFFFFFFFF
+
+
+def cvt_bf16x2(a: int, b: int) -> int:  # `cvt.rn.bf16x2.f32 d, a, b`: a to the upper half, b to the lower
+    return bf16_bits(f32(a)) << 16 | bf16_bits(f32(b))
 
 
 PTX_OPS = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
            "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "prmt.b32": prmt,
-           "mul.rn.bf16x2": mul_bf16x2, "add.f32": add_f32}
+           "mul.rn.bf16x2": mul_bf16x2, "add.f32": add_f32, "cvt.rn.bf16x2.f32": cvt_bf16x2}
 
 
 def run_ptx(ptx: str, registers: dict[str, int]) -> dict[str, int]:
@@ -102,19 +109,31 @@ def test_the_lookup_ptx_gives_each_bytes_two_code_values_high_nibble_first():
         assert [out[f"${i}"] for i in range(4)] == [bits[b >> 4] | bits[b & 15] << 16 for b in range(first, first + 4)]
 
 
-def test_the_products_ptx_rounds_each_product_to_bf16_and_adds_in_float32():
+def lane_quarter_as_bitsandbytes(code, acc, scale, packed, x):
+    """8 weights of a lane in bitsandbytes' one-token kernel (`gemm_4bit_simt`), written out in torch: the scale
+    rounded to bf16, each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products
+    added in float32, then added to the lane's sum."""
+    nibbles = [n for byte in packed for n in (byte >> 4, byte & 15)]
+    weights = (code.to(torch.bfloat16)[nibbles] * scale.to(torch.bfloat16)).to(torch.bfloat16)
+    products = (weights * x).float()
+    for i in range(4):
+        acc = acc + (products[2 * i] + products[2 * i + 1])
+    return acc
+
+
+def test_the_lane_step_ptx_adds_as_bitsandbytes_one_token_kernel_does():
     torch.manual_seed(0)
     code = nf4_code()
-    ptx = products_asm(code)
-    for _ in range(20):
+    ptx = lane_step_asm(code)
+    for trial in range(200):
         packed = torch.randint(0, 256, (4,)).tolist()
         x = torch.randn(8).to(torch.bfloat16)
+        # sums from small to large against the products, so that the order of the float32 additions shows
+        acc, scale = torch.randn(1) * 10 ** (trial % 5), torch.rand(1) * 0.1
         pairs = (x.view(torch.int16).to(torch.int64) & 0xFFFF).view(4, 2)
-        registers = {"$4": sum(b << (8 * i) for i, b in enumerate(packed))}
-        registers.update({f"${5 + i}": int(pairs[i, 0] | pairs[i, 1] << 16) for i in range(4)})
+        registers = {"$1": int(acc.view(torch.int32)) & 0xFFFFFFFF, "$2": int(scale.view(torch.int32)) & 0xFFFFFFFF,
+                     "$3": sum(b << (8 * i) for i, b in enumerate(packed))}
+        registers.update({f"${4 + i}": int(pairs[i, 0] | pairs[i, 1] << 16) for i in range(4)})
         out = run_ptx(ptx, registers)
-        for i, byte in enumerate(packed):
-            weights = code[[byte >> 4, byte & 15]].to(torch.bfloat16)
-            products = (weights * x[2 * i:2 * i + 2]).float()  # bf16 products, as the kernel rounds them
-            expected = int((products[0] + products[1]).view(torch.int32)) & 0xFFFFFFFF
-            assert out[f"${i}"] == expected
+        expected = lane_quarter_as_bitsandbytes(code, acc, scale, packed, x)
+        assert out["$0"] == int(expected.view(torch.int32)) & 0xFFFFFFFF
