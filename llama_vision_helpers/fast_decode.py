@@ -181,15 +181,12 @@ class FastDecoder:
         (q,) = self.project(index, "q", x)
         q = ops.head_rms_norm(q, attention.q_norm.weight, attention.q_norm.variance_epsilon, self.num_heads,
                               self.head_dim)
-        keys, values = state.cross_keys[index], state.cross_values[index]
-        if keys.shape[0] == 1 < batch:
-            # rows that share one image (k samples of a prompt): their queries attend together, as one row's
-            # several query positions, so the image's keys and values are read once a step, not once a row
-            out = F.scaled_dot_product_attention(q.transpose(0, 2), keys, values, attn_mask=state.cross_mask,
-                                                 scale=attention.scaling, enable_gqa=True).transpose(0, 2)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=state.cross_mask, scale=attention.scaling,
-                                                 enable_gqa=True)
+        keys, values, mask = state.cross_keys[index], state.cross_values[index], state.cross_mask
+        if keys.shape[0] < batch:
+            # one image shared by the rows (a prompt's k samples), read through views that repeat it: the rows'
+            # reads of it then come from the cache, and no copy per row is kept
+            keys, values, mask = (t.expand(batch, -1, -1, -1) for t in (keys, values, mask))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=True)
         (o,) = self.project(index, "o", out.transpose(1, 2).reshape(batch, 1, -1))
         norm = layer.post_attention_layernorm
         hidden, x = ops.gated_add_rms_norm(hidden, o, attention_gate, norm.weight, norm.variance_epsilon)

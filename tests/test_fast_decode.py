@@ -27,7 +27,7 @@ def test_greedy_matches_generate_token_for_token(vlm, decoder, photo):
 
 
 def test_rows_sharing_one_image_each_follow_the_single_row(vlm, decoder, photo):
-    # k rows of one prompt read the image's keys and values once, their queries side by side
+    # k rows of one prompt keep one copy of the image's keys and values
     inputs = image_inputs(vlm, photo)
     single = decoder.generate(inputs, max_new_tokens=24, do_sample=False)
     rows = decoder.generate(inputs, max_new_tokens=24, do_sample=False, num_return_sequences=3)
