@@ -10,11 +10,10 @@ high nibble first), each nibble an index into the 16-value NF4 code; every block
 One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`) reproduced bit for bit, so the fast loop keeps
 `generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in order),
 each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then to
-the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. 2..32 tokens: weights scaled
-and rounded to bf16 in registers (bitsandbytes' dequantized values), products on the tensor cores. K (or the
-lanes) are split over programs when a launch would otherwise have too few; the last program of a tile to finish
-adds the parts up, so each product is one launch. Measured against bitsandbytes and other kernels:
-docs/bench/decode-notes.md.
+the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. 2..32 tokens: the same
+weights made in registers, products on the tensor cores. The lanes (one token) or K (several) are split over
+programs when a launch would otherwise have too few; the last program of a tile to finish adds the parts up,
+so each product is one launch. Measured against bitsandbytes and other kernels: docs/bench/decode-notes.md.
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -64,10 +63,10 @@ class NF4Weight:
     splits: tuple[int, ...]
     dtype: torch.dtype
     nested_block: int = NESTED_BLOCK_SIZE
-    ptx: tuple[str, str] = field(init=False)  # `lookup_asm`, `lane_step_asm` of `code` (made once, off the GPU)
+    ptx: tuple[str, str] = field(init=False)  # `weights_asm`, `lane_step_asm` of `code` (made once, off the GPU)
 
     def __post_init__(self) -> None:
-        self.ptx = (lookup_asm(self.code), lane_step_asm(self.code))
+        self.ptx = (weights_asm(self.code), lane_step_asm(self.code))
 
     @classmethod
     def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
@@ -191,11 +190,17 @@ def _permute_lookup_ptx(tables: Sequence[int], quad: str, pairs: Sequence[str]) 
     return "\n".join(lines)
 
 
-def lookup_asm(code: torch.Tensor) -> str:
-    """Inline PTX for `tl.inline_asm_elementwise(..., pack=4)` over packed bytes: outputs $0-$3 are the code
-    pairs of the 4 bytes in $4."""
-    body = _permute_lookup_ptx(permute_tables(code), "$4", ["$0", "$1", "$2", "$3"])
-    return "{\n.reg .b32 t<8>, m, s, a, b, l, h;\n" + body + "\n}"
+def weights_asm(code: torch.Tensor) -> str:
+    """Inline PTX for `tl.inline_asm_elementwise(..., pack=4)` over packed bytes and their blocks' float32 scales:
+    the 4 bytes in $4 as bf16 weights, as bitsandbytes' one-token kernel dequantizes them (code * scale rounded
+    to bf16, each byte's scale, $5-$8, rounded to bf16 first); $0-$1 the high nibbles' weights (the even
+    columns) of bytes 0-1 and 2-3, $2-$3 the low nibbles'."""
+    body = [_permute_lookup_ptx(permute_tables(code), "$4", ["p0", "p1", "p2", "p3"])]
+    body += [line for i in range(4) for line in (f"cvt.rn.bf16x2.f32 sc, ${5 + i}, ${5 + i};",
+                                                 f"mul.rn.bf16x2 p{i}, p{i}, sc;")]
+    body += ["prmt.b32 $0, p0, p1, 0x5410;", "prmt.b32 $1, p2, p3, 0x5410;", "prmt.b32 $2, p0, p1, 0x7632;",
+             "prmt.b32 $3, p2, p3, 0x7632;"]
+    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc;\n" + "\n".join(body) + "\n}"
 
 
 LANES = 32  # bitsandbytes' one-token kernel reads a row with one warp
@@ -256,13 +261,6 @@ if triton is not None:
                        rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
                        NESTED, NESTED_BLOCK)
         return byte, scale
-
-    @triton.jit
-    def _split_pairs(pairs):
-        # int32 holding two bf16 (element 2j in the low half) -> two float32
-        even = (pairs << 16).to(tl.float32, bitcast=True)
-        odd = (pairs & -65536).to(tl.float32, bitcast=True)
-        return even, odd
 
     @triton.jit
     def _lane_quarter(acc, scale, word, x_word, active, STEP: tl.constexpr):
@@ -368,11 +366,11 @@ if triton is not None:
     @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M"])
     @triton.jit
     def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
-                           count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, LOOKUP: tl.constexpr,
+                           count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, WEIGHTS: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes,
-        scaled and rounded to bf16 in registers (the weights as the product's first operand), products on the
-        tensor cores. K is split over the grid's second axis; the last part to arrive adds the parts up."""
+        """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes
+        and scaled in bf16 in registers (`WEIGHTS`, PTX from `weights_asm`; the weights as the product's first
+        operand), products on the tensor cores. K is split over the grid's second axis; the last part to arrive adds the parts up."""
         tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
@@ -386,11 +384,10 @@ if triton is not None:
         for g0 in range(first, last, BLOCK_G):
             byte, scale = _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last,
                                          K, NESTED, NESTED_BLOCK, BLOCK_G)
-            scale = scale[:, :, None]
-            codes = tl.inline_asm_elementwise(LOOKUP, "=r,=r,=r,=r,r", [byte], dtype=tl.int32, is_pure=True, pack=4)
-            code_even, code_odd = _split_pairs(codes)
-            weights = tl.interleave((code_even * scale).to(tl.bfloat16), (code_odd * scale).to(tl.bfloat16))
-            weights = tl.reshape(weights, (BLOCK_N, BLOCK_G * 64))
+            even, odd = tl.inline_asm_elementwise(WEIGHTS, "=r,=r,=r,=r,r,r,r,r,r",
+                                                  [byte, tl.broadcast_to(scale[:, :, None], byte.shape)],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            weights = tl.reshape(tl.interleave(even, odd), (BLOCK_N, BLOCK_G * 64))
             k = g0 * 64 + columns
             x = tl.load(x_ptr + token_rows[None, :] * K + k[:, None], mask=(k < last * 64)[:, None], other=0.0)
             acc = tl.dot(weights, x, acc)
@@ -454,7 +451,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
             return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
 
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
-                                 LOOKUP=weight.ptx[0], BLOCK_M=16 if m <= 16 else 32)
+                                 WEIGHTS=weight.ptx[0], BLOCK_M=16 if m <= 16 else 32)
     return out.view(*shape[:-1], weight.n)
 
 

@@ -5,7 +5,7 @@ import torch
 
 bf = pytest.importorskip("bitsandbytes.functional")
 
-from llama_vision_helpers.nf4_gemv import (NF4Unsupported, NF4Weight, lane_step_asm, lookup_asm,  # noqa: E402
+from llama_vision_helpers.nf4_gemv import (NF4Unsupported, NF4Weight, lane_step_asm, weights_asm,  # noqa: E402
                                           nf4_kernel_available, random_nf4_linear)
 
 
@@ -99,14 +99,20 @@ def nf4_code() -> torch.Tensor:
     return NF4Weight.from_linears([random_nf4_linear(64, 256, "cpu")]).code
 
 
-def test_the_lookup_ptx_gives_each_bytes_two_code_values_high_nibble_first():
+def test_the_weights_ptx_dequantizes_each_byte_as_bitsandbytes_one_token_kernel_does():
+    torch.manual_seed(0)
     code = nf4_code()
-    bits = [bf16_bits(v) for v in code]
-    ptx = lookup_asm(code)
+    ptx = weights_asm(code)
     for first in range(0, 256, 4):  # every byte value, four to a 32-bit word
+        scales = torch.rand(4) * 0.1  # one a byte: the 4 bytes of a call may come from two blocks
         quad = sum((first + i) << (8 * i) for i in range(4))
-        out = run_ptx(ptx, {"$4": quad})
-        assert [out[f"${i}"] for i in range(4)] == [bits[b >> 4] | bits[b & 15] << 16 for b in range(first, first + 4)]
+        registers = {"$4": quad, **{f"${5 + i}": int(s.view(torch.int32)) & 0xFFFFFFFF for i, s in enumerate(scales)}}
+        out = run_ptx(ptx, registers)
+        weights = [bf16_bits((code[n].to(torch.bfloat16) * scale.to(torch.bfloat16)).to(torch.bfloat16))
+                   for b, scale in zip(range(first, first + 4), scales) for n in (b >> 4, b & 15)]
+        even, odd = weights[0::2], weights[1::2]  # high nibbles (even columns), low nibbles
+        assert [out[f"${i}"] for i in range(4)] == [even[0] | even[1] << 16, even[2] | even[3] << 16,
+                                                    odd[0] | odd[1] << 16, odd[2] | odd[3] << 16]
 
 
 def lane_quarter_as_bitsandbytes(code, acc, scale, packed, x):
