@@ -1,9 +1,10 @@
 """Where a fast decode step's time goes: kernels per step by kind, against the CUDA-graph step time.
 
-Run on a GPU machine:  python3 tools/profile_decode.py [bf16|bnb4 ...]   (random-weight 11B checkpoint)
+Run on a GPU machine:  python3 tools/profile_decode.py [bf16|bnb4 ...] [--rows K]   (random-weight 11B checkpoint)
+K rows: the step of k samples of one prompt (default 1).
 """
 
-import sys
+import argparse
 from collections import defaultdict
 
 import torch
@@ -27,20 +28,25 @@ def kind(name: str) -> str:
     return "elementwise, norms, copies, reductions"
 
 
-def profile_backend(path: str, variant: str) -> None:
+def profile_backend(path: str, variant: str, rows: int = 1) -> None:
     vlm = load_model(path, backend="transformers", load_in_4bit=variant == "bnb4",
                      dtype=torch.bfloat16 if variant == "bf16" else None)
     inputs = prepare_inputs(vlm, [user_message(DEFAULT_INSTRUCTION, with_image=True)], benchmark_image())
     prompt = inputs["input_ids"].shape[1]
-    token = torch.tensor([5], device=vlm.device)
+    token = torch.full((rows,), 5, device=vlm.device)
     for use_graph in (True, False):
         decoder = FastDecoder(vlm.model, use_cuda_graph=use_graph)
-        state, _ = decoder._prefill(inputs, 1, 128)
+        state, _ = decoder._prefill(inputs, rows, 128)
         for step in range(3):
             decoder._decode(state, token, prompt + step)
         seconds = median_time(lambda: decoder._decode(state, token, prompt + 3), 20)
         print(f"{variant}: one decode step {'replayed from a CUDA graph' if use_graph else 'launched eagerly'}: "
               f"{1000 * seconds:.2f} ms")
+        if use_graph:  # the whole loop: the steps plus sampling, stop checks and the host's reads
+            wall = median_time(lambda: decoder.generate(inputs, max_new_tokens=128, min_new_tokens=128,
+                                                        num_return_sequences=rows), 3)
+            print(f"{variant}: 128 tokens x {rows} rows through the fast loop: {wall:.3f} s, "
+                  f"{1000 * wall / 128:.2f} ms a token (prefill included)")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for step in range(STEPS):
             decoder._decode(state, token, prompt + 3 + step)
@@ -51,6 +57,7 @@ def profile_backend(path: str, variant: str) -> None:
             continue
         totals[kind(event.key)] += event.self_device_time_total / STEPS
         counts[kind(event.key)] += event.count // STEPS
+    variant = f"{variant}, {rows} rows" if rows > 1 else variant
     print(f"{variant}: {sum(counts.values())} kernels per step, {sum(totals.values()) / 1000:.2f} ms of GPU time")
     for name in sorted(totals, key=totals.get, reverse=True):
         print(f"  {name:45} {counts[name]:5} kernels  {totals[name] / 1000:6.2f} ms")
@@ -62,6 +69,10 @@ def profile_backend(path: str, variant: str) -> None:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variants", nargs="*", default=["bf16", "bnb4"], choices=["bf16", "bnb4"])
+    parser.add_argument("--rows", type=int, default=1)
+    args = parser.parse_args()
     checkpoint = str(random_weights_checkpoint("11b"))
-    for variant in sys.argv[1:] or ["bf16", "bnb4"]:
-        profile_backend(checkpoint, variant)
+    for variant in args.variants:
+        profile_backend(checkpoint, variant, args.rows)
