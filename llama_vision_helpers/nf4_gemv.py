@@ -11,9 +11,10 @@ One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`) reproduced bit for 
 `generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in order),
 each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then to
 the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. 2..32 tokens: the same
-weights made in registers, products on the tensor cores. The lanes (one token) or K (several) are split over
-programs when a launch would otherwise have too few; the last program of a tile to finish adds the parts up,
-so each product is one launch. Measured against bitsandbytes and other kernels: docs/bench/decode-notes.md.
+weights made in registers, products on the tensor cores. A row's lanes (one token, as the tuner finds fastest)
+or its K (several tokens, when a launch would otherwise have too few programs) are split over programs; the
+last program of a tile to finish adds the parts up, so each product is one launch. Measured against
+bitsandbytes and other kernels: docs/bench/decode-notes.md.
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -63,10 +64,12 @@ class NF4Weight:
     splits: tuple[int, ...]
     dtype: torch.dtype
     nested_block: int = NESTED_BLOCK_SIZE
-    ptx: tuple[str, str] = field(init=False)  # `weights_asm`, `lane_step_asm` of `code` (made once, off the GPU)
+    # the kernels' PTX for this code, made once, off the GPU
+    weights_ptx: str = field(init=False)
+    lane_step_ptx: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ptx = (weights_asm(self.code), lane_step_asm(self.code))
+        self.weights_ptx, self.lane_step_ptx = weights_asm(self.code), lane_step_asm(self.code)
 
     @classmethod
     def from_linears(cls, modules: Sequence[Any], *, share_storage: bool = True) -> "NF4Weight":
@@ -150,12 +153,16 @@ def _check_layout(module: Any) -> Any:
         raise NF4Unsupported("needs double quantization with 8-bit scales in blocks of 256")
     if getattr(module, "bias", None) is not None:
         raise NF4Unsupported("linears with a bias are not supported")
+    if state.dtype != torch.bfloat16:
+        raise NF4Unsupported(f"the kernels compute in bf16, the weight dequantizes to {state.dtype}")
     return state
 
 
 def nf4_kernel_available(device: torch.device | str) -> bool:
-    """Whether the Triton kernels can run on `device` (CUDA with Triton installed)."""
-    return triton is not None and torch.device(device).type == "cuda"
+    """Whether the Triton kernels can run on `device`: CUDA with bf16 arithmetic (compute capability 8.0 on) and
+    Triton installed."""
+    device = torch.device(device)
+    return triton is not None and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 # --- the code look-up as byte permutes --------------------------------------------------------------------
@@ -164,7 +171,10 @@ def nf4_kernel_available(device: torch.device | str) -> bool:
 # 0-7 and 8-15 are looked up apart and the nibbles' top bits pick between the two, for the low and the high bytes;
 # two more permutes put each value's bytes together: 16 permutes and 6 logic instructions for 8 nibbles, no
 # memory access.
-PAIR_SELECTORS = (0x4051, 0x6273)  # (low, high) bytes of byte 0's two values, then byte 1's, high nibble first
+PAIR_SELECTORS = (0x4051, 0x6273)
+# A bf16 product rounded once, on every GPU with bf16 (sm_80 on): a fused multiply-add of -0.0, as CUDA's __hmul2
+# is built there (`mul.bf16x2` needs sm_90); a product of +0 stays +0.
+NEGATIVE_ZEROS = "0x80008000"  # (low, high) bytes of byte 0's two values, then byte 1's, high nibble first
 
 
 def permute_tables(code: torch.Tensor) -> tuple[int, ...]:
@@ -195,12 +205,12 @@ def weights_asm(code: torch.Tensor) -> str:
     the 4 bytes in $4 as bf16 weights, as bitsandbytes' one-token kernel dequantizes them (code * scale rounded
     to bf16, each byte's scale, $5-$8, rounded to bf16 first); $0-$1 the high nibbles' weights (the even
     columns) of bytes 0-1 and 2-3, $2-$3 the low nibbles'."""
-    body = [_permute_lookup_ptx(permute_tables(code), "$4", ["p0", "p1", "p2", "p3"])]
+    body = [_permute_lookup_ptx(permute_tables(code), "$4", ["p0", "p1", "p2", "p3"]), f"mov.b32 z, {NEGATIVE_ZEROS};"]
     body += [line for i in range(4) for line in (f"cvt.rn.bf16x2.f32 sc, ${5 + i}, ${5 + i};",
-                                                 f"mul.rn.bf16x2 p{i}, p{i}, sc;")]
+                                                 f"fma.rn.bf16x2 p{i}, p{i}, sc, z;")]
     body += ["prmt.b32 $0, p0, p1, 0x5410;", "prmt.b32 $1, p2, p3, 0x5410;", "prmt.b32 $2, p0, p1, 0x7632;",
              "prmt.b32 $3, p2, p3, 0x7632;"]
-    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc;\n" + "\n".join(body) + "\n}"
+    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc, z;\n" + "\n".join(body) + "\n}"
 
 
 LANES = 32  # bitsandbytes' one-token kernel reads a row with one warp
@@ -213,12 +223,12 @@ def lane_step_asm(code: torch.Tensor) -> str:
     pairs); $0 the new sum. As bitsandbytes: the scale rounded to bf16, each weight code * scale rounded to bf16,
     each product rounded to bf16, a byte's two products added in float32 and then added to the sum."""
     body = [_permute_lookup_ptx(permute_tables(code), "$3", ["p0", "p1", "p2", "p3"]),
-            "cvt.rn.bf16x2.f32 sc, $2, $2;", "mov.b32 acc, $1;"]
+            "cvt.rn.bf16x2.f32 sc, $2, $2;", f"mov.b32 z, {NEGATIVE_ZEROS};", "mov.b32 acc, $1;"]
     for i in range(4):
-        body += [f"mul.rn.bf16x2 w, p{i}, sc;", f"mul.rn.bf16x2 q, w, ${4 + i};", "shl.b32 c, q, 16;",
+        body += [f"fma.rn.bf16x2 w, p{i}, sc, z;", f"fma.rn.bf16x2 q, w, ${4 + i}, z;", "shl.b32 c, q, 16;",
                  "and.b32 d, q, 0xffff0000;", "add.f32 e, c, d;", "add.f32 acc, acc, e;"]
     body.append("mov.b32 $0, acc;")
-    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc, acc, w, q, c, d, e;\n" + "\n".join(body) + "\n}"
+    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc, z, acc, w, q, c, d, e;\n" + "\n".join(body) + "\n}"
 
 
 TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
@@ -322,7 +332,8 @@ if triton is not None:
         """Split configurations only where the workspace holds the outputs."""
         return [c for c in configs if c.kwargs["SPLITS"] == 1 or named_args["N"] <= MAX_ROWS]
 
-    @triton.autotune(configs=_matvec_configs(), key=["N", "K"], prune_configs_by={"early_config_prune": _fitting_configs})
+    @triton.autotune(configs=_matvec_configs(), key=["N", "K"],
+                     prune_configs_by={"early_config_prune": _fitting_configs})
     @triton.jit
     def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
                            count_ptr, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, STEP: tl.constexpr,
@@ -336,12 +347,12 @@ if triton is not None:
         tile, part = tl.program_id(0), tl.program_id(1)
         WIDTH: tl.constexpr = 32 // SPLITS
         rows = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # the last tile recomputes a row
-        first = part + SPLITS * tl.arange(0, WIDTH)  # lane numbers, then their first weight of each step
+        lanes = part + SPLITS * tl.arange(0, WIDTH)
         words = packed_ptr.to(tl.pointer_type(tl.int32))
         x_words = x_ptr.to(tl.pointer_type(tl.int32))  # two bf16 activations a word, as a byte's weights
         acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
         for k0 in range(0, K, 1024):
-            start = k0 + first * 32
+            start = k0 + lanes * 32  # each lane's first weight of this step
             active = start < K  # lanes past the end add nothing (their scale and activations read as zeros)
             scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
                            rows[:, None] * (K // 64) + (tl.minimum(start, K - 1) // 64)[None, :], NESTED, NESTED_BLOCK)
@@ -370,7 +381,8 @@ if triton is not None:
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes
         and scaled in bf16 in registers (`WEIGHTS`, PTX from `weights_asm`; the weights as the product's first
-        operand), products on the tensor cores. K is split over the grid's second axis; the last part to arrive adds the parts up."""
+        operand), products on the tensor cores. K is split over the grid's second axis; the last part to arrive
+        adds the parts up."""
         tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
@@ -442,7 +454,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
             weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, out, work, counts)
     if m == 1:
         _nf4_matvec_kernel[lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"])](
-            *args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block, STEP=weight.ptx[1])
+            *args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block, STEP=weight.lane_step_ptx)
     else:
         blocks_per_row = weight.k // BLOCK_SIZE
 
@@ -451,7 +463,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
             return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
 
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
-                                 WEIGHTS=weight.ptx[0], BLOCK_M=16 if m <= 16 else 32)
+                                 WEIGHTS=weight.weights_ptx, BLOCK_M=16 if m <= 16 else 32)
     return out.view(*shape[:-1], weight.n)
 
 

@@ -147,6 +147,31 @@ def test_nf4_kernel_matches_bitsandbytes_on_the_11b_shapes(group):
         assert float((got - bnb).norm() / bnb.norm()) < 5e-3
 
 
+@pytest.mark.parametrize("group", ["joined q+k+v", "down"])
+def test_nf4_one_token_kernel_is_bitsandbytes_in_every_configuration(group):
+    # the tuner keeps one configuration a shape; each must give bitsandbytes' bits, split lanes included
+    import torch
+    import triton
+
+    from llama_vision_helpers import nf4_gemv
+    from llama_vision_helpers.nf4_gemv import NESTED_BLOCK_SIZE, NF4Weight, random_nf4_linear
+
+    torch.manual_seed(0)
+    modules = [random_nf4_linear(n, k) for n, k in SHAPES_11B[group]]
+    weight = NF4Weight.from_linears(modules)
+    x = torch.randn(1, weight.k, dtype=torch.bfloat16, device="cuda")
+    expected = torch.cat([m(x) for m in modules], dim=-1)
+    work, counts = nf4_gemv._workspace(x.device)
+    for config in nf4_gemv._matvec_configs():
+        out = torch.full_like(expected, float("nan"))
+        grid = (triton.cdiv(weight.n, config.kwargs["BLOCK_N"]), config.kwargs["SPLITS"])
+        nf4_gemv._nf4_matvec_kernel.fn[grid](
+            x, weight.packed, weight.absmax, weight.code2, weight.absmax2, weight.offset2, out, work, counts,
+            weight.n, weight.k, NESTED=True, NESTED_BLOCK=NESTED_BLOCK_SIZE, STEP=weight.lane_step_ptx,
+            num_warps=config.num_warps, **config.kwargs)
+        assert torch.equal(out, expected), f"{config}: differs from bitsandbytes' forward"
+
+
 def test_fast_loop_on_bnb_weights_runs_the_nf4_kernels_and_keeps_generates_logits(photo, monkeypatch):
     import torch
 
@@ -167,7 +192,8 @@ def test_fast_loop_on_bnb_weights_runs_the_nf4_kernels_and_keeps_generates_logit
         got = torch.cat(decoder.project(index, name, x), dim=-1)
         expected = torch.cat([m(x) for m in decoder.projections[index][name]], dim=-1)
         assert torch.equal(got, expected), f"{index}/{name}: one token differs from bitsandbytes' forward"
-    x = torch.randn(4, 1, weight.k, dtype=torch.bfloat16, device="cuda")
+    index, name = next(iter(decoder.nf4_weights))
+    x = torch.randn(4, 1, decoder.nf4_weights[index, name].k, dtype=torch.bfloat16, device="cuda")
     got = torch.cat(decoder.project(index, name, x), dim=-1)
     expected = torch.cat([m(x) for m in decoder.projections[index][name]], dim=-1)
     assert float((got - expected).float().norm() / expected.float().norm()) < 1e-2

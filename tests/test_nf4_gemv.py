@@ -14,16 +14,17 @@ def bnb_weight(module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-@pytest.mark.parametrize("k", [512, 128])  # at 128 the k linear's 128 scales end mid-group of 256
-def test_joined_weights_dequantize_as_bitsandbytes_does(double_quant, k):
+@pytest.mark.parametrize("k, rows", [(512, (128, 64, 64)), (128, (128, 64, 64)), (128, (192, 320, 64))])
+def test_joined_weights_dequantize_as_bitsandbytes_does(double_quant, k, rows):
+    # at k=128 nested groups of 256 scales straddle the linears; with (192, 320, 64) a linear spans several groups
     torch.manual_seed(0)
-    modules = [random_nf4_linear(n, k, "cpu", double_quant=double_quant) for n in (128, 64, 64)]
+    modules = [random_nf4_linear(n, k, "cpu", double_quant=double_quant) for n in rows]
     expected = torch.cat([bnb_weight(m) for m in modules])
     joined = NF4Weight.from_linears(modules)
-    assert (joined.n, joined.k, joined.splits) == (256, k, (128, 64, 64))
+    assert (joined.n, joined.k, joined.splits) == (sum(rows), k, rows)
     assert torch.equal(joined.dequantize(), expected)
     assert joined.nested_block == (1 if double_quant and k == 128 else 256)
-    assert all(torch.equal(bnb_weight(m), w) for m, w in zip(modules, expected.split([128, 64, 64])))
+    assert all(torch.equal(bnb_weight(m), w) for m, w in zip(modules, expected.split(list(rows))))
 
 
 def test_joining_moves_storage_without_changing_the_modules():
@@ -62,8 +63,9 @@ def bf16_bits(value: torch.Tensor) -> int:
     return int(value.to(torch.bfloat16).view(torch.int16)) & 0xFFFF
 
 
-def mul_bf16x2(a: int, b: int) -> int:  # each half's product is exact in float32, then rounded to bf16
-    return sum(bf16_bits(bf16_value((a >> s) & 0xFFFF) * bf16_value((b >> s) & 0xFFFF)) << s for s in (0, 16))
+def fma_bf16x2(a: int, b: int, c: int) -> int:  # each half's product is exact in float32, plus c, rounded to bf16
+    return sum(bf16_bits(bf16_value((a >> s) & 0xFFFF) * bf16_value((b >> s) & 0xFFFF) + bf16_value((c >> s) & 0xFFFF))
+               << s for s in (0, 16))
 
 
 def f32(bits: int) -> torch.Tensor:
@@ -80,7 +82,7 @@ def cvt_bf16x2(a: int, b: int) -> int:  # `cvt.rn.bf16x2.f32 d, a, b`: a to the 
 
 PTX_OPS = {"mov.b32": lambda a: a, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
            "shr.u32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "prmt.b32": prmt,
-           "mul.rn.bf16x2": mul_bf16x2, "add.f32": add_f32, "cvt.rn.bf16x2.f32": cvt_bf16x2}
+           "fma.rn.bf16x2": fma_bf16x2, "add.f32": add_f32, "cvt.rn.bf16x2.f32": cvt_bf16x2}
 
 
 def run_ptx(ptx: str, registers: dict[str, int]) -> dict[str, int]:
