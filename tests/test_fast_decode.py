@@ -26,23 +26,8 @@ def test_greedy_matches_generate_token_for_token(vlm, decoder, photo):
     assert torch.equal(decoder.generate(inputs, max_new_tokens=48, do_sample=False), expected)
 
 
-@pytest.fixture
-def live_gates(vlm):
-    """tiny-random's cross-attention gates are zero (as a fresh Mllama's are), which hides what the image's keys
-    and values do; open them for one test."""
-    gates = [p for name, p in vlm.model.named_parameters()
-             if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate"))]
-    saved = [p.data.clone() for p in gates]
-    for p in gates:
-        p.data.fill_(0.5)
-    yield
-    for p, value in zip(gates, saved):
-        p.data.copy_(value)
-
-
-def test_rows_sharing_one_image_each_follow_generate(vlm, photo, live_gates):
+def test_rows_sharing_one_image_each_follow_generate(vlm, decoder, photo):
     # k rows of one prompt keep one copy of the image's keys and values
-    decoder = FastDecoder(vlm.model)  # reads the gates when made
     inputs = image_inputs(vlm, photo)
     expected = vlm.model.generate(**inputs, max_new_tokens=24, do_sample=False)
     rows = decoder.generate(inputs, max_new_tokens=24, do_sample=False, num_return_sequences=3)
@@ -51,7 +36,7 @@ def test_rows_sharing_one_image_each_follow_generate(vlm, photo, live_gates):
     assert all(keys.shape[0] == 1 for keys in state.cross_keys.values())
 
 
-def test_rows_sharing_one_image_attend_as_rows_with_their_own_copy(vlm, decoder, photo, monkeypatch):
+def test_rows_sharing_one_image_attend_as_rows_with_their_own_copy(vlm, decoder, photo):
     decoder.generate(image_inputs(vlm, photo), max_new_tokens=2, do_sample=False, num_return_sequences=3)
     shared = next(s for s in decoder._states.values() if s.batch == 3 and s.cross_mask is not None)
     copied = dataclasses.replace(
@@ -59,8 +44,6 @@ def test_rows_sharing_one_image_attend_as_rows_with_their_own_copy(vlm, decoder,
         cross_values={i: v.expand(3, -1, -1, -1) for i, v in shared.cross_values.items()},
         cross_mask=shared.cross_mask.expand(3, -1, -1, -1), row_mask=shared.row_mask.expand(3, -1, -1))
     index = min(decoder.cross_layers)
-    # tiny-random's gates are zero (as a fresh Mllama's are), which would hide the attention's output
-    monkeypatch.setitem(decoder.gates, index, (torch.tensor(0.5), torch.tensor(0.5)))
     torch.manual_seed(0)
     hidden, delta = (torch.randn(3, 1, vlm.model.config.text_config.hidden_size, dtype=decoder.dtype) for _ in "hd")
     layer = decoder.text.layers[index]
