@@ -7,7 +7,7 @@ high nibble first), each nibble an index into the 16-value NF4 code; every block
 (in bf16, as bitsandbytes' one-token kernel holds it) up by byte permutes in registers, no memory access
 (`permute_tables`).
 
-One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`) reproduced bit for bit, so the fast loop keeps
+One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`, bitsandbytes 0.50) reproduced bit for bit, so the fast loop keeps
 `generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in order),
 each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then to
 the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. 2..32 tokens: the same
@@ -171,10 +171,10 @@ def nf4_kernel_available(device: torch.device | str) -> bool:
 # 0-7 and 8-15 are looked up apart and the nibbles' top bits pick between the two, for the low and the high bytes;
 # two more permutes put each value's bytes together: 16 permutes and 6 logic instructions for 8 nibbles, no
 # memory access.
-PAIR_SELECTORS = (0x4051, 0x6273)
+PAIR_SELECTORS = (0x4051, 0x6273)  # (low, high) bytes of byte 0's two values, then byte 1's, high nibble first
 # A bf16 product rounded once, on every GPU with bf16 (sm_80 on): a fused multiply-add of -0.0, as CUDA's __hmul2
 # is built there (`mul.bf16x2` needs sm_90); a product of +0 stays +0.
-NEGATIVE_ZEROS = "0x80008000"  # (low, high) bytes of byte 0's two values, then byte 1's, high nibble first
+NEGATIVE_ZEROS = "0x80008000"
 
 
 def permute_tables(code: torch.Tensor) -> tuple[int, ...]:
@@ -200,35 +200,44 @@ def _permute_lookup_ptx(tables: Sequence[int], quad: str, pairs: Sequence[str]) 
     return "\n".join(lines)
 
 
+def _scaled_weights_ptx(code: torch.Tensor, quad: str, scales: Sequence[str]) -> list[str]:
+    """PTX lines that leave in w0-w3 the bf16 weight pairs of the 4 bytes in `quad`, as bitsandbytes' one-token
+    kernel dequantizes them: code * scale rounded to bf16, each byte's float32 scale (`scales`, a register each)
+    rounded to bf16 first."""
+    lines = [_permute_lookup_ptx(permute_tables(code), quad, ["w0", "w1", "w2", "w3"]), f"mov.b32 z, {NEGATIVE_ZEROS};"]
+    converted: dict[str, str] = {}
+    for i, scale in enumerate(scales):
+        if scale not in converted:
+            converted[scale] = f"sc{len(converted)}"
+            lines.append(f"cvt.rn.bf16x2.f32 {converted[scale]}, {scale}, {scale};")
+        lines.append(f"fma.rn.bf16x2 w{i}, w{i}, {converted[scale]}, z;")
+    return lines
+
+
+_WEIGHT_REGISTERS = ".reg .b32 t<8>, m, s, a, b, l, h, w<4>, sc<4>, z"
+
+
 def weights_asm(code: torch.Tensor) -> str:
     """Inline PTX for `tl.inline_asm_elementwise(..., pack=4)` over packed bytes and their blocks' float32 scales:
-    the 4 bytes in $4 as bf16 weights, as bitsandbytes' one-token kernel dequantizes them (code * scale rounded
-    to bf16, each byte's scale, $5-$8, rounded to bf16 first); $0-$1 the high nibbles' weights (the even
-    columns) of bytes 0-1 and 2-3, $2-$3 the low nibbles'."""
-    body = [_permute_lookup_ptx(permute_tables(code), "$4", ["p0", "p1", "p2", "p3"]), f"mov.b32 z, {NEGATIVE_ZEROS};"]
-    body += [line for i in range(4) for line in (f"cvt.rn.bf16x2.f32 sc, ${5 + i}, ${5 + i};",
-                                                 f"fma.rn.bf16x2 p{i}, p{i}, sc, z;")]
-    body += ["prmt.b32 $0, p0, p1, 0x5410;", "prmt.b32 $1, p2, p3, 0x5410;", "prmt.b32 $2, p0, p1, 0x7632;",
-             "prmt.b32 $3, p2, p3, 0x7632;"]
-    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc, z;\n" + "\n".join(body) + "\n}"
-
-
-LANES = 32  # bitsandbytes' one-token kernel reads a row with one warp
-LANE_WEIGHTS = 32  # weights a lane adds, in order, of every LANES * LANE_WEIGHTS
+    the 4 bytes in $4 as bf16 weights (`_scaled_weights_ptx`, each byte's scale in $5-$8); $0-$1 the high nibbles'
+    weights (the even columns) of bytes 0-1 and 2-3, $2-$3 the low nibbles'."""
+    body = _scaled_weights_ptx(code, "$4", ["$5", "$6", "$7", "$8"])
+    body += ["prmt.b32 $0, w0, w1, 0x5410;", "prmt.b32 $1, w2, w3, 0x5410;", "prmt.b32 $2, w0, w1, 0x7632;",
+             "prmt.b32 $3, w2, w3, 0x7632;"]
+    return "{\n" + _WEIGHT_REGISTERS + ";\n" + "\n".join(body) + "\n}"
 
 
 def lane_step_asm(code: torch.Tensor) -> str:
     """Inline PTX for a quarter of one lane's step in bitsandbytes' one-token kernel: $1 the lane's float32 sum,
     $2 the block's float32 scale, $3 a word of 4 packed bytes, $4-$7 the 8 activations of their weights (bf16
-    pairs); $0 the new sum. As bitsandbytes: the scale rounded to bf16, each weight code * scale rounded to bf16,
-    each product rounded to bf16, a byte's two products added in float32 and then added to the sum."""
-    body = [_permute_lookup_ptx(permute_tables(code), "$3", ["p0", "p1", "p2", "p3"]),
-            "cvt.rn.bf16x2.f32 sc, $2, $2;", f"mov.b32 z, {NEGATIVE_ZEROS};", "mov.b32 acc, $1;"]
+    pairs); $0 the new sum. As bitsandbytes: the weights as `_scaled_weights_ptx` makes them, each product
+    rounded to bf16, a byte's two products added in float32 and then added to the sum."""
+    body = _scaled_weights_ptx(code, "$3", ["$2"] * 4) + ["mov.b32 acc, $1;"]
     for i in range(4):
-        body += [f"fma.rn.bf16x2 w, p{i}, sc, z;", f"fma.rn.bf16x2 q, w, ${4 + i}, z;", "shl.b32 c, q, 16;",
-                 "and.b32 d, q, 0xffff0000;", "add.f32 e, c, d;", "add.f32 acc, acc, e;"]
+        body += [f"fma.rn.bf16x2 q, w{i}, ${4 + i}, z;", "shl.b32 c, q, 16;", "and.b32 d, q, 0xffff0000;",
+                 "add.f32 e, c, d;", "add.f32 acc, acc, e;"]
     body.append("mov.b32 $0, acc;")
-    return "{\n.reg .b32 t<8>, m, s, a, b, l, h, p<4>, sc, z, acc, w, q, c, d, e;\n" + "\n".join(body) + "\n}"
+    return "{\n" + _WEIGHT_REGISTERS + ", acc, q, c, d, e;\n" + "\n".join(body) + "\n}"
 
 
 TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
