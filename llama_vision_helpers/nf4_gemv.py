@@ -10,7 +10,9 @@ high nibble first), each nibble an index into the 16-value NF4 code; every block
 One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`, bitsandbytes 0.50) reproduced bit for bit, so the fast loop keeps
 `generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in order),
 each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then to
-the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. 2..32 tokens: the same
+the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. Each lane reads its 16 bytes
+of a step as one 16-byte load, and asks for two steps' bytes before adding either (more bytes in flight per
+register, which bound this kernel more than its instructions do). 2..32 tokens: the same
 weights made in registers, products on the tensor cores. A row's lanes (one token, as the tuner finds fastest)
 or its K (several tokens, when a launch would otherwise have too few programs) are split over programs; the
 last program of a tile to finish adds the parts up, so each product is one launch. Measured against
@@ -113,6 +115,8 @@ class NF4Weight:
                     state.absmax = absmax[block_start:block_start + n_blocks]
                 byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
         n = sum(s.shape[0] for s in states)
+        if packed.data_ptr() % 16:
+            raise NF4Unsupported("the kernels read the packed weights 16 bytes at a time; these are not aligned")
         return cls(packed=packed.view(n, k // 2), absmax=absmax, code2=code2, absmax2=absmax2, offset2=offset2,
                    code=code, n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype,
                    nested_block=nested_block)
@@ -282,16 +286,38 @@ if triton is not None:
         return byte, scale
 
     @triton.jit
-    def _lane_quarter(acc, scale, word, x_word, active, STEP: tl.constexpr):
-        """Each lane's sum (R, C) plus its next 8 weights: the 4 bytes at `word` (R, C) against the 8 activations
-        in the 4 words from `x_word` (C,). Separate 4-byte loads keep every tensor in one layout."""
-        weights = tl.load(word, mask=active[None, :], other=0, eviction_policy="evict_first")
-        a0 = tl.broadcast_to(tl.load(x_word, mask=active, other=0)[None, :], acc.shape)
-        a1 = tl.broadcast_to(tl.load(x_word + 1, mask=active, other=0)[None, :], acc.shape)
-        a2 = tl.broadcast_to(tl.load(x_word + 2, mask=active, other=0)[None, :], acc.shape)
-        a3 = tl.broadcast_to(tl.load(x_word + 3, mask=active, other=0)[None, :], acc.shape)
-        return tl.inline_asm_elementwise(STEP, "=r,r,r,r,r,r,r,r", [acc, scale, weights, a0, a1, a2, a3],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+    def _load_words(pointer, CACHE: tl.constexpr):
+        """The 4 words (32 bits each) from each 16-byte aligned address in `pointer`, one vector load each;
+        CACHE: a PTX cache qualifier ("" to keep them in L1)."""
+        return tl.inline_asm_elementwise("ld.global.nc" + CACHE + ".v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                         [pointer.to(tl.int64)], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
+
+    @triton.jit
+    def _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, start, K,
+                    NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+        """Each lane's 16 packed bytes from weight `start` (C,) on, in `rows` (R,): 4 words (R, C), and their
+        block's float32 scale (R, C). Lanes past the end read the last 32 weights again with a zero scale, so
+        they add zeros."""
+        first = tl.minimum(start, K - 32)
+        scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows[:, None] * (K // 64) + (first // 64)[None, :],
+                       NESTED, NESTED_BLOCK)
+        words = packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (K // 8) + (first // 8)[None, :]
+        return _load_words(words, ".L1::no_allocate"), tl.where((start < K)[None, :], scale, 0.0)
+
+    @triton.jit
+    def _lane_add(acc, words, scale, x_ptr, start, K, STEP: tl.constexpr):
+        """Each lane's sum (R, C) plus its 32 weights from `start` (C,) on: the 16 bytes `words` (4 words, each
+        (R, C)) against their 32 activations, a quarter (4 bytes, `STEP`) at a time."""
+        x_words = x_ptr.to(tl.pointer_type(tl.int32)) + tl.minimum(start, K - 32) // 2  # two activations a word
+        for quarter in tl.static_range(4):
+            x = _load_words(x_words + 4 * quarter, "")
+            acc = tl.inline_asm_elementwise(STEP, "=r,r,r,r,r,r,r,r",
+                                            [acc, scale, words[quarter], tl.broadcast_to(x[0][None, :], acc.shape),
+                                             tl.broadcast_to(x[1][None, :], acc.shape),
+                                             tl.broadcast_to(x[2][None, :], acc.shape),
+                                             tl.broadcast_to(x[3][None, :], acc.shape)],
+                                            dtype=tl.float32, is_pure=True, pack=1)
+        return acc
 
     @triton.jit
     def _halve(x):
@@ -357,19 +383,15 @@ if triton is not None:
         WIDTH: tl.constexpr = 32 // SPLITS
         rows = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # the last tile recomputes a row
         lanes = part + SPLITS * tl.arange(0, WIDTH)
-        words = packed_ptr.to(tl.pointer_type(tl.int32))
-        x_words = x_ptr.to(tl.pointer_type(tl.int32))  # two bf16 activations a word, as a byte's weights
         acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
-        for k0 in range(0, K, 1024):
-            start = k0 + lanes * 32  # each lane's first weight of this step
-            active = start < K  # lanes past the end add nothing (their scale and activations read as zeros)
-            scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
-                           rows[:, None] * (K // 64) + (tl.minimum(start, K - 1) // 64)[None, :], NESTED, NESTED_BLOCK)
-            scale = tl.where(active[None, :], scale, 0.0)
-            word = words + rows[:, None] * (K // 8) + (start // 8)[None, :]  # the lane's 4 words of packed bytes
-            x_word = x_words + start // 2  # and its 16 words of activations
-            for quarter in tl.static_range(4):
-                acc = _lane_quarter(acc, scale, word + quarter, x_word + 4 * quarter, active, STEP)
+        for k0 in range(0, K, 2048):  # two steps of 1024 a pass: both steps' bytes are asked for before either is added
+            start = k0 + lanes * 32  # each lane's first weight of the first step
+            words, scale = _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, start, K,
+                                       NESTED, NESTED_BLOCK)
+            words2, scale2 = _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows,
+                                         start + 1024, K, NESTED, NESTED_BLOCK)
+            acc = _lane_add(acc, words, scale, x_ptr, start, K, STEP)
+            acc = _lane_add(acc, words2, scale2, x_ptr, start + 1024, K, STEP)
         partial = _tree_sum(acc, WIDTH)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         if SPLITS == 1:
@@ -455,6 +477,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
         return torch.cat([nf4_matmul(chunk, weight) for chunk in x2.split(MAX_BATCH)]).view(*shape[:-1], weight.n)
     if m > MAX_BATCH:
         raise ValueError(f"nf4_matmul writes at most {MAX_BATCH} tokens into `out`")
+    if x2.data_ptr() % 16:  # the one-token kernel reads activations 16 bytes at a time
+        x2 = x2.clone()
     if out is None:
         out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
     nested = weight.code2 is not None
