@@ -7,16 +7,15 @@ high nibble first), each nibble an index into the 16-value NF4 code; every block
 (in bf16, as bitsandbytes' one-token kernel holds it) up by byte permutes in registers, no memory access
 (`permute_tables`).
 
-One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`, bitsandbytes 0.50) reproduced bit for bit, so the fast loop keeps
-`generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in order),
-each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then to
-the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. Each lane reads its 16 bytes
-of a step as one 16-byte load, and asks for two steps' bytes before adding either (more bytes in flight per
-register, which bound this kernel more than its instructions do). 2..32 tokens: the same
-weights made in registers, products on the tensor cores. A row's lanes (one token, as the tuner finds fastest)
-or its K (several tokens, when a launch would otherwise have too few programs) are split over programs; the
-last program of a tile to finish adds the parts up, so each product is one launch. Measured against
-bitsandbytes and other kernels: docs/bench/decode-notes.md.
+One token: bitsandbytes' one-token kernel (`gemm_4bit_simt`, bitsandbytes 0.50) reproduced bit for bit, so the fast
+loop keeps `generate`'s logits: each row's K read by 32 lanes (lane l takes weights 32l..32l+31 of every 1024, in
+order), each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then
+to the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. Each lane reads its 16 bytes of
+a step as one 16-byte load, and asks for two steps' bytes before adding either (more bytes in flight per register,
+which bound this kernel more than its instructions do). 2..32 tokens: the same weights made in registers, products
+on the tensor cores. A row's lanes (one token, as the tuner finds fastest) or its K (several tokens, when a launch
+would otherwise have too few programs) are split over programs; the last program of a tile to finish adds the parts
+up, so each product is one launch. Measured against bitsandbytes and other kernels: docs/bench/decode-notes.md.
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -90,6 +89,9 @@ class NF4Weight:
             raise NF4Unsupported("joined linears must share the nf4 code")
         packed = torch.cat([m.weight.data.reshape(-1).view(torch.uint8) for m in modules]) if len(modules) > 1 \
             else modules[0].weight.data.reshape(-1).view(torch.uint8)
+        if packed.data_ptr() % 16:
+            raise NF4Unsupported("the one-token kernel reads packed weights 16 bytes at a time; these start "
+                                 "off a 16-byte boundary")
         absmax = torch.cat([s.absmax.reshape(-1) for s in states]) if len(states) > 1 else states[0].absmax.reshape(-1)
         code2 = absmax2 = offset2 = None
         nested_block = NESTED_BLOCK_SIZE
@@ -115,8 +117,6 @@ class NF4Weight:
                     state.absmax = absmax[block_start:block_start + n_blocks]
                 byte_start, block_start = byte_start + n_bytes, block_start + n_blocks
         n = sum(s.shape[0] for s in states)
-        if packed.data_ptr() % 16:
-            raise NF4Unsupported("the kernels read the packed weights 16 bytes at a time; these are not aligned")
         return cls(packed=packed.view(n, k // 2), absmax=absmax, code2=code2, absmax2=absmax2, offset2=offset2,
                    code=code, n=n, k=k, splits=tuple(s.shape[0] for s in states), dtype=states[0].dtype,
                    nested_block=nested_block)
@@ -287,28 +287,29 @@ if triton is not None:
 
     @triton.jit
     def _load_words(pointer, CACHE: tl.constexpr):
-        """The 4 words (32 bits each) from each 16-byte aligned address in `pointer`, one vector load each;
-        CACHE: a PTX cache qualifier ("" to keep them in L1)."""
+        """The 4 words (32 bits each) from each 16-byte aligned address in `pointer`, one vector load each, by
+        the read-only data path (nothing may write that memory during the launch); CACHE: a PTX cache qualifier
+        ("" to keep them in L1)."""
         return tl.inline_asm_elementwise("ld.global.nc" + CACHE + ".v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
                                          [pointer.to(tl.int64)], dtype=(tl.int32,) * 4, is_pure=True, pack=1)
 
     @triton.jit
-    def _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, start, K,
+    def _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, start, first, K,
                     NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
-        """Each lane's 16 packed bytes from weight `start` (C,) on, in `rows` (R,): 4 words (R, C), and their
-        block's float32 scale (R, C). Lanes past the end read the last 32 weights again with a zero scale, so
-        they add zeros."""
-        first = tl.minimum(start, K - 32)
-        scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows[:, None] * (K // 64) + (first // 64)[None, :],
-                       NESTED, NESTED_BLOCK)
+        """Each lane's 16 packed bytes from weight `first` (C,) on, in `rows` (R,): 4 words (R, C), and their
+        block's float32 scale (R, C). `first` is the lane's `start` clamped to K - 32: lanes past the end read
+        the last 32 weights again and get a zero scale, so they add zeros (NaN where one of those activations
+        is infinite, which leaves the row's sum non-finite either way)."""
+        scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
+                       rows[:, None] * (K // 64) + (first // 64)[None, :], NESTED, NESTED_BLOCK)
         words = packed_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (K // 8) + (first // 8)[None, :]
         return _load_words(words, ".L1::no_allocate"), tl.where((start < K)[None, :], scale, 0.0)
 
     @triton.jit
-    def _lane_add(acc, words, scale, x_ptr, start, K, STEP: tl.constexpr):
-        """Each lane's sum (R, C) plus its 32 weights from `start` (C,) on: the 16 bytes `words` (4 words, each
+    def _lane_add(acc, words, scale, x_ptr, first, STEP: tl.constexpr):
+        """Each lane's sum (R, C) plus its 32 weights from `first` (C,) on: the 16 bytes `words` (4 words, each
         (R, C)) against their 32 activations, a quarter (4 bytes, `STEP`) at a time."""
-        x_words = x_ptr.to(tl.pointer_type(tl.int32)) + tl.minimum(start, K - 32) // 2  # two activations a word
+        x_words = x_ptr.to(tl.pointer_type(tl.int32)) + first // 2  # two activations a word
         for quarter in tl.static_range(4):
             x = _load_words(x_words + 4 * quarter, "")
             acc = tl.inline_asm_elementwise(STEP, "=r,r,r,r,r,r,r,r",
@@ -386,12 +387,13 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, WIDTH), dtype=tl.float32)
         for k0 in range(0, K, 2048):  # two steps of 1024 a pass: both steps' bytes are asked for before either is added
             start = k0 + lanes * 32  # each lane's first weight of the first step
-            words, scale = _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, start, K,
-                                       NESTED, NESTED_BLOCK)
+            first, first2 = tl.minimum(start, K - 32), tl.minimum(start + 1024, K - 32)
+            words, scale = _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, start,
+                                       first, K, NESTED, NESTED_BLOCK)
             words2, scale2 = _lane_bytes(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows,
-                                         start + 1024, K, NESTED, NESTED_BLOCK)
-            acc = _lane_add(acc, words, scale, x_ptr, start, K, STEP)
-            acc = _lane_add(acc, words2, scale2, x_ptr, start + 1024, K, STEP)
+                                         start + 1024, first2, K, NESTED, NESTED_BLOCK)
+            acc = _lane_add(acc, words, scale, x_ptr, first, STEP)
+            acc = _lane_add(acc, words2, scale2, x_ptr, first2, STEP)
         partial = _tree_sum(acc, WIDTH)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         if SPLITS == 1:
@@ -465,7 +467,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     """x (..., K) in bf16 times the nf4 weight's transpose: (..., N), as `Linear4bit` computes it.
 
     The decode paths call this for 4-bit linears (or joined groups of linears) of a step; up to MAX_BATCH
-    tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into."""
+    tokens a launch. `out`: an optional contiguous (tokens, N) bf16 buffer to write into (not overlapping x)."""
     if x.dtype != torch.bfloat16:
         raise TypeError(f"nf4_matmul reads bf16 activations, got {x.dtype}")
     shape = x.shape
@@ -477,7 +479,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
         return torch.cat([nf4_matmul(chunk, weight) for chunk in x2.split(MAX_BATCH)]).view(*shape[:-1], weight.n)
     if m > MAX_BATCH:
         raise ValueError(f"nf4_matmul writes at most {MAX_BATCH} tokens into `out`")
-    if x2.data_ptr() % 16:  # the one-token kernel reads activations 16 bytes at a time
+    if m == 1 and x2.data_ptr() % 16:  # the one-token kernel reads activations 16 bytes at a time
         x2 = x2.clone()
     if out is None:
         out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)

@@ -147,8 +147,10 @@ def test_nf4_kernel_matches_bitsandbytes_on_the_11b_shapes(group):
         assert float((got - bnb).norm() / bnb.norm()) < 5e-3
 
 
-# K = 3136: the last step of 1024 has 2 active lanes, and the kernel's second step of its last pass none
-ONE_TOKEN_SHAPES = {"joined q+k+v": SHAPES_11B["joined q+k+v"], "down": SHAPES_11B["down"], "uneven K": [(192, 3136)]}
+# lanes past the end of K: at K = 3136 the last step of 1024 has 2 active lanes (the second step of a pass of
+# two); at K = 2112 the first step of the last pass has 2 and the second none
+ONE_TOKEN_SHAPES = {"joined q+k+v": SHAPES_11B["joined q+k+v"], "down": SHAPES_11B["down"],
+                    "K = 3136": [(192, 3136)], "K = 2112": [(192, 2112)]}
 
 
 @pytest.mark.parametrize("group", list(ONE_TOKEN_SHAPES))
@@ -174,6 +176,20 @@ def test_nf4_one_token_kernel_is_bitsandbytes_in_every_configuration(group):
             weight.n, weight.k, NESTED=True, NESTED_BLOCK=weight.nested_block, STEP=weight.lane_step_ptx,
             num_warps=config.num_warps, **config.kwargs)
         assert torch.equal(out, expected), f"{config}: differs from bitsandbytes' forward"
+
+
+def test_nf4_one_token_kernel_reads_activations_off_a_16_byte_boundary():
+    import torch
+
+    from llama_vision_helpers.nf4_gemv import NF4Weight, nf4_matmul, random_nf4_linear
+
+    torch.manual_seed(0)
+    module = random_nf4_linear(1024, 4096)
+    buffer = torch.randn(1, 4096 + 1, dtype=torch.bfloat16, device="cuda")
+    x = buffer[:, 1:]  # 2 bytes past the allocation's start
+    assert x.data_ptr() % 16
+    expected = module(x.clone())  # bitsandbytes' own kernel needs aligned activations too
+    assert torch.equal(nf4_matmul(x, NF4Weight.from_linears([module])), expected)
 
 
 def test_fast_loop_on_bnb_weights_runs_the_nf4_kernels_and_keeps_generates_logits(photo, monkeypatch):

@@ -43,6 +43,16 @@ def test_other_layouts_are_refused(options):
         NF4Weight.from_linears([random_nf4_linear(64, 256, "cpu", **options)])
 
 
+def test_packed_weights_off_a_16_byte_boundary_are_refused():
+    module = random_nf4_linear(64, 256, "cpu")
+    data = module.weight.data
+    buffer = torch.empty(data.numel() + 1, dtype=data.dtype)
+    buffer[1:] = data.reshape(-1)
+    module.weight.data = buffer[1:].view(data.shape)
+    with pytest.raises(NF4Unsupported, match="16-byte"):
+        NF4Weight.from_linears([module])
+
+
 def test_the_kernel_is_for_cuda_only():
     assert not nf4_kernel_available("cpu")
 
