@@ -407,11 +407,11 @@ if triton is not None:
                          mask=out_rows < N)
                 _leave(count_ptr, tile)
 
-    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M"])
+    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M", "PADDED"])
     @triton.jit
     def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
                            count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, WEIGHTS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+                           BLOCK_M: tl.constexpr, PADDED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes
         and scaled in bf16 in registers (`WEIGHTS`, PTX from `weights_asm`; the weights as the product's first
         operand), products on the tensor cores. K is split over the grid's second axis; the last part to arrive
@@ -420,7 +420,6 @@ if triton is not None:
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rows, N - 1)
         tokens = tl.arange(0, BLOCK_M)
-        token_rows = tl.minimum(tokens, M - 1)
         blocks_per_row = K // 64
         per_part = tl.cdiv(blocks_per_row, splits)
         first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
@@ -434,7 +433,10 @@ if triton is not None:
                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
             weights = tl.reshape(tl.interleave(even, odd), (BLOCK_N, BLOCK_G * 64))
             k = g0 * 64 + columns
-            x = tl.load(x_ptr + token_rows[None, :] * K + k[:, None], mask=(k < last * 64)[:, None], other=0.0)
+            x_mask = (k < last * 64)[:, None]
+            if PADDED:  # columns past M read nothing (one row read again in each was slower)
+                x_mask = x_mask & (tokens < M)[None, :]
+            x = tl.load(x_ptr + tokens[None, :] * K + k[:, None], mask=x_mask, other=0.0)
             acc = tl.dot(weights, x, acc)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offsets = tokens[None, :] * N + out_rows[:, None]
@@ -491,14 +493,14 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
         _nf4_matvec_kernel[lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"])](
             *args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block, STEP=weight.lane_step_ptx)
     else:
-        blocks_per_row = weight.k // BLOCK_SIZE
+        blocks_per_row, block_m = weight.k // BLOCK_SIZE, 16 if m <= 16 else 32
 
         def grid(meta):
             tiles = triton.cdiv(weight.n, meta["BLOCK_N"])
             return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
 
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
-                                 WEIGHTS=weight.weights_ptx, BLOCK_M=16 if m <= 16 else 32)
+                                 WEIGHTS=weight.weights_ptx, BLOCK_M=block_m, PADDED=m < block_m)
     return out.view(*shape[:-1], weight.n)
 
 
