@@ -39,6 +39,7 @@ except ImportError:  # pragma: no cover - exercised on machines without Triton
 BLOCK_SIZE = 64  # weights per scale, the only blocksize the kernels read
 NESTED_BLOCK_SIZE = 256  # scales per second-level scale (bitsandbytes' default for double quantization)
 MAX_BATCH = 32  # tokens a launch; the decode loop sends larger batches to bitsandbytes' own forward
+VECTOR_LOAD_BYTES = 16  # the one-token kernel reads weights and activations this many bytes at a time (aligned)
 
 
 class NF4Unsupported(ValueError):
@@ -89,9 +90,9 @@ class NF4Weight:
             raise NF4Unsupported("joined linears must share the nf4 code")
         packed = torch.cat([m.weight.data.reshape(-1).view(torch.uint8) for m in modules]) if len(modules) > 1 \
             else modules[0].weight.data.reshape(-1).view(torch.uint8)
-        if packed.data_ptr() % 16:
-            raise NF4Unsupported("the one-token kernel reads packed weights 16 bytes at a time; these start "
-                                 "off a 16-byte boundary")
+        if packed.data_ptr() % VECTOR_LOAD_BYTES:
+            raise NF4Unsupported(f"the one-token kernel reads packed weights {VECTOR_LOAD_BYTES} bytes at a time; "
+                                 f"these start off a {VECTOR_LOAD_BYTES}-byte boundary")
         absmax = torch.cat([s.absmax.reshape(-1) for s in states]) if len(states) > 1 else states[0].absmax.reshape(-1)
         code2 = absmax2 = offset2 = None
         nested_block = NESTED_BLOCK_SIZE
@@ -481,7 +482,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
         return torch.cat([nf4_matmul(chunk, weight) for chunk in x2.split(MAX_BATCH)]).view(*shape[:-1], weight.n)
     if m > MAX_BATCH:
         raise ValueError(f"nf4_matmul writes at most {MAX_BATCH} tokens into `out`")
-    if m == 1 and x2.data_ptr() % 16:  # the one-token kernel reads activations 16 bytes at a time
+    if m == 1 and x2.data_ptr() % VECTOR_LOAD_BYTES:
         x2 = x2.clone()
     if out is None:
         out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
