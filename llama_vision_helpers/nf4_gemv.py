@@ -12,10 +12,11 @@ loop keeps `generate`'s logits: each row's K read by 32 lanes (lane l takes weig
 order), each weight code * scale rounded to bf16, each product rounded to bf16, a byte's two products added, then
 to the lane's float32 sum; the 32 sums added in bitsandbytes' warp-reduction order. Each lane reads its 16 bytes of
 a step as one 16-byte load, and asks for two steps' bytes before adding either (more bytes in flight per register,
-which bound this kernel more than its instructions do). 2..32 tokens: the same weights made in registers, products
-on the tensor cores. A row's lanes (one token, as the tuner finds fastest) or its K (several tokens, when a launch
-would otherwise have too few programs) are split over programs; the last program of a tile to finish adds the parts
-up, so each product is one launch. Measured against bitsandbytes and other kernels: docs/bench/decode-notes.md.
+which bound this kernel more than its instructions do). 2..32 tokens: the same weights made in registers from whole
+words, each lane looking up the bytes the tensor cores take from it (a block's columns reordered, the activations
+read in that order), products on the tensor cores. A row's lanes (one token) or its K (several tokens) are split
+over programs as the tuner finds fastest; the last program of a tile to finish adds the parts up, so each product is
+one launch. Measured against bitsandbytes and other kernels: docs/bench/decode-notes.md.
 
 `nf4_matmul(x, weight)` is the one entry point; `NF4Weight.from_linears(...)` reads (and, for several linears
 with the same input, joins) the modules' weights. The Triton kernels run on CUDA only; `nf4_kernel_available`
@@ -223,12 +224,11 @@ _WEIGHT_REGISTERS = ".reg .b32 t<8>, m, s, a, b, l, h, w<4>, sc<4>, z"
 
 
 def weights_asm(code: torch.Tensor) -> str:
-    """Inline PTX for `tl.inline_asm_elementwise(..., pack=4)` over packed bytes and their blocks' float32 scales:
-    the 4 bytes in $4 as bf16 weights (`_scaled_weights_ptx`, each byte's scale in $5-$8); $0-$1 the high nibbles'
-    weights (the even columns) of bytes 0-1 and 2-3, $2-$3 the low nibbles'."""
-    body = _scaled_weights_ptx(code, "$4", ["$5", "$6", "$7", "$8"])
-    body += ["prmt.b32 $0, w0, w1, 0x5410;", "prmt.b32 $1, w2, w3, 0x5410;", "prmt.b32 $2, w0, w1, 0x7632;",
-             "prmt.b32 $3, w2, w3, 0x7632;"]
+    """Inline PTX for `tl.inline_asm_elementwise(..., pack=1)` over a word of 4 packed bytes ($8) and its block's
+    float32 scale ($9): the word's 8 weights in bf16 (`_scaled_weights_ptx`), in order, one a 16-bit output
+    ($0-$7: byte 0's high nibble, its low nibble, byte 1's high nibble, ...)."""
+    body = _scaled_weights_ptx(code, "$8", ["$9"] * 4)
+    body += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, w{i};" for i in range(4)]
     return "{\n" + _WEIGHT_REGISTERS + ";\n" + "\n".join(body) + "\n}"
 
 
@@ -245,17 +245,8 @@ def lane_step_asm(code: torch.Tensor) -> str:
     return "{\n" + _WEIGHT_REGISTERS + ", acc, q, c, d, e;\n" + "\n".join(body) + "\n}"
 
 
-TARGET_PROGRAMS = 1024  # programs a launch should have: several per multiprocessor keep enough bytes in flight
-MAX_SPLITS = 16
+MAX_SPLITS = 16  # parts a row's K may be cut into (the workspace holds this many partial sums an output)
 MAX_ROWS = 28672  # the workspace for split products covers outputs up to this size (11B's joined gate/up)
-
-
-def _splits(n_tiles: int, blocks_per_row: int) -> int:
-    """How many parts to cut each row's K into, so that a launch has about TARGET_PROGRAMS programs."""
-    splits = 1
-    while splits < MAX_SPLITS and n_tiles * splits < TARGET_PROGRAMS and blocks_per_row // (2 * splits) >= 4:
-        splits *= 2
-    return splits
 
 
 if triton is not None:
@@ -271,20 +262,41 @@ if triton is not None:
             return tl.load(absmax_ptr + block)
 
     @triton.jit
-    def _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last, K,
-                       NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, BLOCK_G: tl.constexpr):
-        """The packed bytes (rows, BLOCK_G, 32) of BLOCK_G blocks of 64 weights from block g0 (blocks from `last`
-        on read as zeros) and their float32 scales (rows, BLOCK_G)."""
-        blocks_per_row = K // 64
-        groups = g0 + tl.arange(0, BLOCK_G)
-        # rows * (K // 64) * 32, not rows * (K // 2): Triton then knows each row starts 32-byte aligned
-        offsets = rows[:, None, None] * (K // 64) * 32 + groups[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]
-        byte = tl.load(packed_ptr + offsets, mask=(groups < last)[None, :, None], other=0,
-                       eviction_policy="evict_first")
-        scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr,
-                       rows[:, None] * blocks_per_row + tl.minimum(groups, blocks_per_row - 1)[None, :],
-                       NESTED, NESTED_BLOCK)
-        return byte, scale
+    def _weight_words(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, block, K,
+                      NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr):
+        """The packed bytes of block `block` (64 weights) of each of `rows` as (rows, 4, 2) words of 4 bytes
+        (word 2c + w at [:, c, w]), and the rows' float32 scales of that block (rows,)."""
+        # rows * (K // 64) * 8, not rows * (K // 8): Triton then knows each row starts 32-byte aligned
+        offsets = rows[:, None] * (K // 64) * 8 + block * 8 + tl.arange(0, 8)[None, :]
+        words = tl.load(packed_ptr.to(tl.pointer_type(tl.int32)) + offsets)
+        scale = _scale(absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows * (K // 64) + block, NESTED, NESTED_BLOCK)
+        return tl.reshape(words, (rows.shape[0], 4, 2)), scale
+
+    @triton.jit
+    def _operand_weights(words, scale, WEIGHTS: tl.constexpr):
+        """(R, 4, 2) words and (R,) scales -> the (R, 64) bf16 weights of the block, their columns in the order of
+        `_operand_columns`.
+
+        The tensor cores' first operand gives each lane c (of 4 side by side) columns 2c, 2c + 1, 2c + 8 and
+        2c + 9 of every 16 of a row: 8 two-weight pairs, i.e. 8 bytes. With the block's columns reordered so
+        that lane c's pairs are the bytes 8c..8c+7 (its words 2c and 2c + 1), each lane looks up exactly the
+        words it holds and no weight moves between lanes; the activations are read in the same order."""
+        w = tl.inline_asm_elementwise(WEIGHTS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                                      [words, tl.broadcast_to(scale[:, None, None], words.shape)],
+                                      dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        # w[2j + e]: byte j of the word, its high (e = 0) or low nibble's weight; joined to (R, c, w, e, j % 2, j // 2)
+        low, high = tl.join(tl.join(w[0], w[1]), tl.join(w[2], w[3])), tl.join(tl.join(w[4], w[5]), tl.join(w[6], w[7]))
+        # (R, w, j // 2, j % 2, c, e): column 16 * (2w + j // 2) + 8 * (j % 2) + 2c + e
+        t = tl.permute(tl.join(low, high), (0, 2, 5, 4, 1, 3))
+        return tl.reshape(t, (words.shape[0], 64))
+
+    @triton.jit
+    def _operand_columns():
+        """The weight (0..63 within its block) in each column of `_operand_weights`' order."""
+        column = tl.arange(0, 64)
+        word_in_lane, byte_high, byte_low = column // 32, (column // 16) % 2, (column // 8) % 2
+        lane, nibble = (column // 2) % 4, column % 2
+        return 2 * (4 * (2 * lane + word_in_lane) + 2 * byte_high + byte_low) + nibble
 
     @triton.jit
     def _load_words(pointer, CACHE: tl.constexpr):
@@ -360,14 +372,20 @@ if triton is not None:
                                   (32, 2, 8), (8, 1, 2)]]
 
     def _matmul_configs():
-        return [triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=s)
-                for bn, bg, w, s in [(64, 1, 4, 3), (64, 2, 4, 3), (128, 1, 4, 3), (128, 2, 8, 3), (64, 4, 4, 2),
-                                     (128, 2, 4, 2), (32, 2, 2, 3), (32, 4, 4, 3), (64, 2, 4, 4), (256, 1, 8, 3),
-                                     (128, 4, 8, 3), (64, 2, 8, 3)]]
+        # 128 rows on one warp group with K cut into 2-16 parts: the fastest on every 11B shape at 2-32 tokens
+        # (H100, docs/bench/nf4-matmul-splits-h100.md); SPLITS 1 for any shape
+        return [triton.Config({"BLOCK_N": bn, "SPLITS": sp}, num_warps=w, num_stages=s)
+                for bn, sp, w, s in [(128, 2, 4, 4), (128, 4, 4, 3), (128, 4, 4, 4), (128, 8, 4, 3), (128, 8, 4, 4),
+                                     (128, 16, 4, 4), (128, 8, 8, 4), (64, 8, 4, 4), (128, 1, 4, 4), (64, 1, 4, 3)]]
 
     def _fitting_configs(configs, named_args, **kwargs):
         """Split configurations only where the workspace holds the outputs."""
         return [c for c in configs if c.kwargs["SPLITS"] == 1 or named_args["N"] <= MAX_ROWS]
+
+    def _fitting_matmul_configs(configs, named_args, **kwargs):
+        """As `_fitting_configs`, and each part of K whole blocks."""
+        return [c for c in _fitting_configs(configs, named_args)
+                if (named_args["K"] // BLOCK_SIZE) % c.kwargs["SPLITS"] == 0]
 
     @triton.autotune(configs=_matvec_configs(), key=["N", "K"],
                      prune_configs_by={"early_config_prune": _fitting_configs})
@@ -408,47 +426,41 @@ if triton is not None:
                          mask=out_rows < N)
                 _leave(count_ptr, tile)
 
-    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M", "PADDED"])
+    @triton.autotune(configs=_matmul_configs(), key=["N", "K", "BLOCK_M", "PADDED"],
+                     prune_configs_by={"early_config_prune": _fitting_matmul_configs})
     @triton.jit
     def _nf4_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, out_ptr, work_ptr,
                            count_ptr, M, N, K, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, WEIGHTS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, PADDED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """A few tokens (2..32): BLOCK_G blocks of 64 weights a step for BLOCK_N rows, looked up by byte permutes
-        and scaled in bf16 in registers (`WEIGHTS`, PTX from `weights_asm`; the weights as the product's first
-        operand), products on the tensor cores. K is split over the grid's second axis; the last part to arrive
-        adds the parts up."""
-        tile, part, splits = tl.program_id(0), tl.program_id(1), tl.num_programs(1)
-        rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = tl.minimum(rows, N - 1)
+                           BLOCK_M: tl.constexpr, PADDED: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+        """A few tokens (2..32): a block of 64 weights a step for BLOCK_N rows, read a word (4 bytes) at a time,
+        looked up by byte permutes and scaled in bf16 in registers (`WEIGHTS`, PTX from `weights_asm`), already
+        laid out as the tensor cores' first operand (`_operand_weights`); the activations read in the same column
+        order. Program (i, s) takes part s of SPLITS of each row's blocks; the last part to arrive adds them up."""
+        tile, part = tl.program_id(0), tl.program_id(1)
+        rows = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # the last tile recomputes a row
         tokens = tl.arange(0, BLOCK_M)
-        blocks_per_row = K // 64
-        per_part = tl.cdiv(blocks_per_row, splits)
-        first, last = part * per_part, tl.minimum(part * per_part + per_part, blocks_per_row)
-        columns = tl.arange(0, BLOCK_G * 64)
+        per_part = (K // 64) // SPLITS
+        columns = _operand_columns()
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g0 in range(first, last, BLOCK_G):
-            byte, scale = _weight_blocks(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, g0, last,
-                                         K, NESTED, NESTED_BLOCK, BLOCK_G)
-            even, odd = tl.inline_asm_elementwise(WEIGHTS, "=r,=r,=r,=r,r,r,r,r,r",
-                                                  [byte, tl.broadcast_to(scale[:, :, None], byte.shape)],
-                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-            weights = tl.reshape(tl.interleave(even, odd), (BLOCK_N, BLOCK_G * 64))
-            k = g0 * 64 + columns
-            x_mask = (k < last * 64)[:, None]
+        for block in range(part * per_part, part * per_part + per_part):
+            words, scale = _weight_words(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset2_ptr, rows, block, K,
+                                         NESTED, NESTED_BLOCK)
+            x_offsets = tokens[None, :] * K + (block * 64 + columns)[:, None]
             if PADDED:  # columns past M read nothing (one row read again in each was slower)
-                x_mask = x_mask & (tokens < M)[None, :]
-            x = tl.load(x_ptr + tokens[None, :] * K + k[:, None], mask=x_mask, other=0.0)
-            acc = tl.dot(weights, x, acc)
+                x = tl.load(x_ptr + x_offsets, mask=(tokens < M)[None, :], other=0.0)
+            else:
+                x = tl.load(x_ptr + x_offsets)
+            acc = tl.dot(_operand_weights(words, scale, WEIGHTS), x, acc)
         out_rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         offsets = tokens[None, :] * N + out_rows[:, None]
         mask = (tokens[None, :] < M) & (out_rows[:, None] < N)
-        if splits == 1:
+        if SPLITS == 1:
             tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            if _arrive(acc, offsets, mask, work_ptr, count_ptr, tile, part, splits, M * N):
+            if _arrive(acc, offsets, mask, work_ptr, count_ptr, tile, part, SPLITS, M * N):
                 tl.debug_barrier()
                 total = tl.zeros_like(acc)
-                for other in range(0, splits):
+                for other in range(0, SPLITS):
                     total += tl.load(work_ptr + other * M * N + offsets, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(out_ptr + offsets, total.to(out_ptr.dtype.element_ty), mask=mask)
                 _leave(count_ptr, tile)
@@ -490,16 +502,14 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     work, counts = _workspace(x.device)
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
             weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, out, work, counts)
+    def grid(meta):  # tiles of BLOCK_N rows, each cut into SPLITS parts
+        return triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"]
+
     if m == 1:
-        _nf4_matvec_kernel[lambda meta: (triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"])](
-            *args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block, STEP=weight.lane_step_ptx)
+        _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
+                                 STEP=weight.lane_step_ptx)
     else:
-        blocks_per_row, block_m = weight.k // BLOCK_SIZE, 16 if m <= 16 else 32
-
-        def grid(meta):
-            tiles = triton.cdiv(weight.n, meta["BLOCK_N"])
-            return tiles, _splits(tiles, blocks_per_row) if weight.n <= MAX_ROWS else 1
-
+        block_m = 16 if m <= 16 else 32
         _nf4_matmul_kernel[grid](*args, m, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
                                  WEIGHTS=weight.weights_ptx, BLOCK_M=block_m, PADDED=m < block_m)
     return out.view(*shape[:-1], weight.n)

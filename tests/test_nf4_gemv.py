@@ -101,6 +101,12 @@ def run_ptx(ptx: str, registers: dict[str, int]) -> dict[str, int]:
         if not line or line.startswith((".reg", "{", "}")):
             continue
         op, operands = line.split(None, 1)
+        if operands.startswith("{"):  # `mov.b32 {low, high}, word`: a word's two 16-bit halves
+            halves, source = operands[1:].split("}")
+            low, high = [h.strip() for h in halves.split(",")]
+            word = registers[source.strip(" ,")]
+            registers[low], registers[high] = word & 0xFFFF, word >> 16
+            continue
         target, *sources = [o.strip() for o in operands.split(",")]
         values = [registers[o] if o in registers else int(o, 0) for o in sources]
         registers[target] = PTX_OPS[op](*values) & 0xFFFFFFFF
@@ -116,15 +122,12 @@ def test_the_weights_ptx_dequantizes_each_byte_as_bitsandbytes_one_token_kernel_
     code = nf4_code()
     ptx = weights_asm(code)
     for first in range(0, 256, 4):  # every byte value, four to a 32-bit word
-        scales = torch.rand(4) * 0.1  # one a byte: the 4 bytes of a call may come from two blocks
-        quad = sum((first + i) << (8 * i) for i in range(4))
-        registers = {"$4": quad, **{f"${5 + i}": int(s.view(torch.int32)) & 0xFFFFFFFF for i, s in enumerate(scales)}}
-        out = run_ptx(ptx, registers)
+        scale = torch.rand(1) * 0.1
+        word = sum((first + i) << (8 * i) for i in range(4))
+        out = run_ptx(ptx, {"$8": word, "$9": int(scale.view(torch.int32)) & 0xFFFFFFFF})
         weights = [bf16_bits((code[n].to(torch.bfloat16) * scale.to(torch.bfloat16)).to(torch.bfloat16))
-                   for b, scale in zip(range(first, first + 4), scales) for n in (b >> 4, b & 15)]
-        even, odd = weights[0::2], weights[1::2]  # high nibbles (even columns), low nibbles
-        assert [out[f"${i}"] for i in range(4)] == [even[0] | even[1] << 16, even[2] | even[3] << 16,
-                                                    odd[0] | odd[1] << 16, odd[2] | odd[3] << 16]
+                   for b in range(first, first + 4) for n in (b >> 4, b & 15)]  # in order: high nibble first
+        assert [out[f"${i}"] for i in range(8)] == weights
 
 
 def lane_quarter_as_bitsandbytes(code, acc, scale, packed, x):
