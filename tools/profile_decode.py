@@ -28,6 +28,7 @@ def kind(name: str) -> str:
     return "elementwise, norms, copies, reductions"
 
 
+@torch.inference_mode()  # as the fast loop's `generate` runs it (with grad on, the compiled step would copy each cache)
 def profile_backend(path: str, variant: str, rows: int = 1) -> None:
     vlm = load_model(path, backend="transformers", load_in_4bit=variant == "bnb4",
                      dtype=torch.bfloat16 if variant == "bf16" else None)
