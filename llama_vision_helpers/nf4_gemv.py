@@ -206,28 +206,22 @@ def _permute_lookup_ptx(tables: Sequence[int], quad: str, pairs: Sequence[str]) 
     return "\n".join(lines)
 
 
-def _scaled_weights_ptx(code: torch.Tensor, quad: str, scales: Sequence[str]) -> list[str]:
+def _scaled_weights_ptx(code: torch.Tensor, quad: str, scale: str) -> list[str]:
     """PTX lines that leave in w0-w3 the bf16 weight pairs of the 4 bytes in `quad`, as bitsandbytes' one-token
-    kernel dequantizes them: code * scale rounded to bf16, each byte's float32 scale (`scales`, a register each)
-    rounded to bf16 first."""
-    lines = [_permute_lookup_ptx(permute_tables(code), quad, ["w0", "w1", "w2", "w3"]), f"mov.b32 z, {NEGATIVE_ZEROS};"]
-    converted: dict[str, str] = {}
-    for i, scale in enumerate(scales):
-        if scale not in converted:
-            converted[scale] = f"sc{len(converted)}"
-            lines.append(f"cvt.rn.bf16x2.f32 {converted[scale]}, {scale}, {scale};")
-        lines.append(f"fma.rn.bf16x2 w{i}, w{i}, {converted[scale]}, z;")
-    return lines
+    kernel dequantizes them: code * scale rounded to bf16, the block's float32 scale (register `scale`) rounded to
+    bf16 first."""
+    return [_permute_lookup_ptx(permute_tables(code), quad, ["w0", "w1", "w2", "w3"]), f"mov.b32 z, {NEGATIVE_ZEROS};",
+            f"cvt.rn.bf16x2.f32 sc, {scale}, {scale};"] + [f"fma.rn.bf16x2 w{i}, w{i}, sc, z;" for i in range(4)]
 
 
-_WEIGHT_REGISTERS = ".reg .b32 t<8>, m, s, a, b, l, h, w<4>, sc<4>, z"
+_WEIGHT_REGISTERS = ".reg .b32 t<8>, m, s, a, b, l, h, w<4>, sc, z"
 
 
 def weights_asm(code: torch.Tensor) -> str:
     """Inline PTX for `tl.inline_asm_elementwise(..., pack=1)` over a word of 4 packed bytes ($8) and its block's
     float32 scale ($9): the word's 8 weights in bf16 (`_scaled_weights_ptx`), in order, one a 16-bit output
     ($0-$7: byte 0's high nibble, its low nibble, byte 1's high nibble, ...)."""
-    body = _scaled_weights_ptx(code, "$8", ["$9"] * 4)
+    body = _scaled_weights_ptx(code, "$8", "$9")
     body += [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, w{i};" for i in range(4)]
     return "{\n" + _WEIGHT_REGISTERS + ";\n" + "\n".join(body) + "\n}"
 
@@ -237,7 +231,7 @@ def lane_step_asm(code: torch.Tensor) -> str:
     $2 the block's float32 scale, $3 a word of 4 packed bytes, $4-$7 the 8 activations of their weights (bf16
     pairs); $0 the new sum. As bitsandbytes: the weights as `_scaled_weights_ptx` makes them, each product
     rounded to bf16, a byte's two products added in float32 and then added to the sum."""
-    body = _scaled_weights_ptx(code, "$3", ["$2"] * 4) + ["mov.b32 acc, $1;"]
+    body = _scaled_weights_ptx(code, "$3", "$2") + ["mov.b32 acc, $1;"]
     for i in range(4):
         body += [f"fma.rn.bf16x2 q, w{i}, ${4 + i}, z;", "shl.b32 c, q, 16;", "and.b32 d, q, 0xffff0000;",
                  "add.f32 e, c, d;", "add.f32 acc, acc, e;"]
@@ -372,8 +366,9 @@ if triton is not None:
                                   (32, 2, 8), (8, 1, 2)]]
 
     def _matmul_configs():
-        # 128 rows on one warp group with K cut into 2-16 parts: the fastest on every 11B shape at 2-32 tokens
-        # (H100, docs/bench/nf4-matmul-splits-h100.md); SPLITS 1 for any shape
+        # the tuner's picks on every 11B shape at 2-32 tokens (H100, docs/bench/nf4-matmul-splits-h100.md): 128 rows
+        # on one warp group, 3-4 stages, K cut into 4 or 8 parts; neighbours of those, and two that do not cut K
+        # (for outputs past MAX_ROWS, and K whose blocks the parts would not divide)
         return [triton.Config({"BLOCK_N": bn, "SPLITS": sp}, num_warps=w, num_stages=s)
                 for bn, sp, w, s in [(128, 2, 4, 4), (128, 4, 4, 3), (128, 4, 4, 4), (128, 8, 4, 3), (128, 8, 4, 4),
                                      (128, 16, 4, 4), (128, 8, 8, 4), (64, 8, 4, 4), (128, 1, 4, 4), (64, 1, 4, 3)]]
@@ -439,7 +434,7 @@ if triton is not None:
         tile, part = tl.program_id(0), tl.program_id(1)
         rows = tl.minimum(tile * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)  # the last tile recomputes a row
         tokens = tl.arange(0, BLOCK_M)
-        per_part = (K // 64) // SPLITS
+        per_part = (K // 64) // SPLITS  # SPLITS divides K // 64: the tuner keeps only such configurations
         columns = _operand_columns()
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for block in range(part * per_part, part * per_part + per_part):
@@ -502,6 +497,7 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     work, counts = _workspace(x.device)
     args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
             weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, out, work, counts)
+
     def grid(meta):  # tiles of BLOCK_N rows, each cut into SPLITS parts
         return triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"]
 

@@ -178,8 +178,11 @@ def test_nf4_one_token_kernel_is_bitsandbytes_in_every_configuration(group):
         assert torch.equal(out, expected), f"{config}: differs from bitsandbytes' forward"
 
 
-# K = 3136 has 49 blocks of 64: only configurations that do not cut K fit
-FEW_TOKEN_SHAPES = {"joined q+k+v": SHAPES_11B["joined q+k+v"], "down": SHAPES_11B["down"], "K = 3136": [(192, 3136)]}
+# (shapes, double quantization): K = 3136 has 49 blocks of 64, so only configurations that do not cut K fit; 1152
+# has 18 (one or two parts), and 200 rows leave the last tile of 128 partial
+FEW_TOKEN_SHAPES = {"joined q+k+v": (SHAPES_11B["joined q+k+v"], True), "down": (SHAPES_11B["down"], True),
+                    "K = 3136": ([(192, 3136)], True), "200 x 1152": ([(200, 1152)], True),
+                    "float32 scales": ([(200, 1152)], False)}
 
 
 @pytest.mark.parametrize("group", list(FEW_TOKEN_SHAPES))
@@ -190,29 +193,34 @@ def test_nf4_few_token_kernel_is_right_in_every_fitting_configuration(group):
     import triton
 
     from llama_vision_helpers import nf4_gemv
-    from llama_vision_helpers.nf4_gemv import NF4Weight, random_nf4_linear
+    from llama_vision_helpers.nf4_gemv import NF4Weight, nf4_matmul, random_nf4_linear
 
     torch.manual_seed(0)
-    modules = [random_nf4_linear(n, k) for n, k in FEW_TOKEN_SHAPES[group]]
+    shapes, nested = FEW_TOKEN_SHAPES[group]
+    modules = [random_nf4_linear(n, k, double_quant=nested) for n, k in shapes]
     weight = NF4Weight.from_linears(modules)
     dense = torch.cat([bf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in modules]).double()
     work, counts = nf4_gemv._workspace(torch.device("cuda"))
+    scales = (weight.absmax, weight.code2, weight.absmax2, weight.offset2) if nested else (weight.absmax,) * 4
     configs = nf4_gemv._fitting_matmul_configs(nf4_gemv._matmul_configs(), {"N": weight.n, "K": weight.k})
     assert configs, "no configuration fits"
     for batch, block_m in ((5, 16), (16, 16), (32, 32)):
         x = torch.randn(batch, weight.k, dtype=torch.bfloat16, device="cuda")
         expected = x.double() @ dense.T
-        for config in configs:
+        for config in [*configs, None]:
             out = torch.full((batch, weight.n), float("nan"), dtype=torch.bfloat16, device="cuda")
-            grid = (triton.cdiv(weight.n, config.kwargs["BLOCK_N"]), config.kwargs["SPLITS"])
-            nf4_gemv._nf4_matmul_kernel.fn[grid](
-                x, weight.packed, weight.absmax, weight.code2, weight.absmax2, weight.offset2, out, work, counts,
-                batch, weight.n, weight.k, NESTED=True, NESTED_BLOCK=weight.nested_block, WEIGHTS=weight.weights_ptx,
-                BLOCK_M=block_m, PADDED=batch < block_m, num_warps=config.num_warps, num_stages=config.num_stages,
-                **config.kwargs)
-            assert torch.isfinite(out).all(), f"{config}, {batch} tokens: output not fully written"
+            if config is None:  # through the entry point: the tuner must only pick fitting ones
+                nf4_matmul(x, weight, out=out)
+            else:
+                grid = (triton.cdiv(weight.n, config.kwargs["BLOCK_N"]), config.kwargs["SPLITS"])
+                nf4_gemv._nf4_matmul_kernel.fn[grid](
+                    x, weight.packed, *scales, out, work, counts, batch, weight.n, weight.k, NESTED=nested,
+                    NESTED_BLOCK=weight.nested_block, WEIGHTS=weight.weights_ptx, BLOCK_M=block_m,
+                    PADDED=batch < block_m, num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs)
+            name = config or "the tuner's pick"
+            assert torch.isfinite(out).all(), f"{name}, {batch} tokens: output not fully written"
             error = float((out.double() - expected).norm() / expected.norm())
-            assert error < 5e-3, f"{config}, {batch} tokens: relative error {error:.2e}"
+            assert error < 5e-3, f"{name}, {batch} tokens: relative error {error:.2e}"
 
 
 def test_nf4_one_token_kernel_reads_activations_off_a_16_byte_boundary():

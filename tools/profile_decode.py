@@ -28,10 +28,16 @@ def kind(name: str) -> str:
     return "elementwise, norms, copies, reductions"
 
 
-@torch.inference_mode()  # as the fast loop's `generate` runs it (with grad on, the compiled step would copy each cache)
 def profile_backend(path: str, variant: str, rows: int = 1) -> None:
     vlm = load_model(path, backend="transformers", load_in_4bit=variant == "bnb4",
                      dtype=torch.bfloat16 if variant == "bf16" else None)
+    profile_decoder(vlm, variant, rows)
+    del vlm
+    torch.cuda.empty_cache()
+
+
+@torch.inference_mode()  # as the fast loop's `generate` runs it (with grad on, the compiled step would copy each cache)
+def profile_decoder(vlm, variant: str, rows: int) -> None:
     inputs = prepare_inputs(vlm, [user_message(DEFAULT_INSTRUCTION, with_image=True)], benchmark_image())
     prompt = inputs["input_ids"].shape[1]
     token = torch.full((rows,), 5, device=vlm.device)
@@ -65,8 +71,6 @@ def profile_backend(path: str, variant: str, rows: int = 1) -> None:
     top = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)[:8]
     for event in top:
         print(f"    {event.key[:70]:70} {event.count // STEPS:4}x {event.self_device_time_total / STEPS / 1000:6.3f} ms")
-    del vlm
-    torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
