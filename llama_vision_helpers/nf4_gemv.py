@@ -128,6 +128,13 @@ class NF4Weight:
         nibbles = torch.stack([self.packed >> 4, self.packed & 15], dim=-1).reshape(self.n, self.k).long()
         return (self.code[nibbles].view(-1, BLOCK_SIZE) * self.scales().view(-1, 1)).view(self.n, self.k).to(self.dtype)
 
+    def kernel_operands(self) -> tuple[torch.Tensor, ...]:
+        """The kernels' weight arguments: packed bytes, scales, and the second level (code, scales, offsets;
+        without double quantization the scales stand in for those pointers, which are then never read)."""
+        if self.code2 is None:
+            return self.packed, self.absmax, self.absmax, self.absmax, self.absmax
+        return self.packed, self.absmax, self.code2, self.absmax2, self.offset2
+
     def scales(self) -> torch.Tensor:
         """The float32 scale of each block of 64 weights, as bitsandbytes' `dequantize_4bit` computes it (the
         second-level product rounded, then the offset added; its one-token kernel fuses the two, as the kernels
@@ -464,6 +471,12 @@ if triton is not None:
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def launch_grid(n: int) -> Any:
+    """Both kernels' grid for N outputs, from a configuration's BLOCK_N and SPLITS: tiles of BLOCK_N rows, each
+    cut into SPLITS parts."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLITS"])
+
+
 def _workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial sums and arrival counters for split products, one pair per device (launches on one stream run
     one after another, and each leaves its counters at zero)."""
@@ -494,13 +507,8 @@ def nf4_matmul(x: torch.Tensor, weight: NF4Weight, out: torch.Tensor | None = No
     if out is None:
         out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
     nested = weight.code2 is not None
-    work, counts = _workspace(x.device)
-    args = (x2, weight.packed, weight.absmax, weight.code2 if nested else weight.absmax,
-            weight.absmax2 if nested else weight.absmax, weight.offset2 if nested else weight.absmax, out, work, counts)
-
-    def grid(meta):  # tiles of BLOCK_N rows, each cut into SPLITS parts
-        return triton.cdiv(weight.n, meta["BLOCK_N"]), meta["SPLITS"]
-
+    args = (x2, *weight.kernel_operands(), out, *_workspace(x.device))
+    grid = launch_grid(weight.n)
     if m == 1:
         _nf4_matvec_kernel[grid](*args, weight.n, weight.k, NESTED=nested, NESTED_BLOCK=weight.nested_block,
                                  STEP=weight.lane_step_ptx)

@@ -157,7 +157,6 @@ ONE_TOKEN_SHAPES = {"joined q+k+v": SHAPES_11B["joined q+k+v"], "down": SHAPES_1
 def test_nf4_one_token_kernel_is_bitsandbytes_in_every_configuration(group):
     # the tuner keeps one configuration a shape; each must give bitsandbytes' bits, split lanes included
     import torch
-    import triton
 
     from llama_vision_helpers import nf4_gemv
     from llama_vision_helpers.nf4_gemv import NF4Weight, random_nf4_linear
@@ -167,14 +166,12 @@ def test_nf4_one_token_kernel_is_bitsandbytes_in_every_configuration(group):
     weight = NF4Weight.from_linears(modules)
     x = torch.randn(1, weight.k, dtype=torch.bfloat16, device="cuda")
     expected = torch.cat([m(x) for m in modules], dim=-1)
-    work, counts = nf4_gemv._workspace(x.device)
+    workspace = nf4_gemv._workspace(x.device)
     for config in nf4_gemv._matvec_configs():
         out = torch.full_like(expected, float("nan"))
-        grid = (triton.cdiv(weight.n, config.kwargs["BLOCK_N"]), config.kwargs["SPLITS"])
-        nf4_gemv._nf4_matvec_kernel.fn[grid](
-            x, weight.packed, weight.absmax, weight.code2, weight.absmax2, weight.offset2, out, work, counts,
-            weight.n, weight.k, NESTED=True, NESTED_BLOCK=weight.nested_block, STEP=weight.lane_step_ptx,
-            num_warps=config.num_warps, **config.kwargs)
+        nf4_gemv._nf4_matvec_kernel.fn[nf4_gemv.launch_grid(weight.n)(config.kwargs)](
+            x, *weight.kernel_operands(), out, *workspace, weight.n, weight.k, NESTED=True,
+            NESTED_BLOCK=weight.nested_block, STEP=weight.lane_step_ptx, num_warps=config.num_warps, **config.kwargs)
         assert torch.equal(out, expected), f"{config}: differs from bitsandbytes' forward"
 
 
@@ -190,7 +187,6 @@ def test_nf4_few_token_kernel_is_right_in_every_fitting_configuration(group):
     # the tuner keeps one configuration a shape; each that fits must write every output, right
     import bitsandbytes.functional as bf
     import torch
-    import triton
 
     from llama_vision_helpers import nf4_gemv
     from llama_vision_helpers.nf4_gemv import NF4Weight, nf4_matmul, random_nf4_linear
@@ -200,8 +196,7 @@ def test_nf4_few_token_kernel_is_right_in_every_fitting_configuration(group):
     modules = [random_nf4_linear(n, k, double_quant=nested) for n, k in shapes]
     weight = NF4Weight.from_linears(modules)
     dense = torch.cat([bf.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in modules]).double()
-    work, counts = nf4_gemv._workspace(torch.device("cuda"))
-    scales = (weight.absmax, weight.code2, weight.absmax2, weight.offset2) if nested else (weight.absmax,) * 4
+    workspace = nf4_gemv._workspace(torch.device("cuda"))
     configs = nf4_gemv._fitting_matmul_configs(nf4_gemv._matmul_configs(), {"N": weight.n, "K": weight.k})
     assert configs, "no configuration fits"
     for batch, block_m in ((5, 16), (16, 16), (32, 32)):
@@ -212,9 +207,8 @@ def test_nf4_few_token_kernel_is_right_in_every_fitting_configuration(group):
             if config is None:  # through the entry point: the tuner must only pick fitting ones
                 nf4_matmul(x, weight, out=out)
             else:
-                grid = (triton.cdiv(weight.n, config.kwargs["BLOCK_N"]), config.kwargs["SPLITS"])
-                nf4_gemv._nf4_matmul_kernel.fn[grid](
-                    x, weight.packed, *scales, out, work, counts, batch, weight.n, weight.k, NESTED=nested,
+                nf4_gemv._nf4_matmul_kernel.fn[nf4_gemv.launch_grid(weight.n)(config.kwargs)](
+                    x, *weight.kernel_operands(), out, *workspace, batch, weight.n, weight.k, NESTED=nested,
                     NESTED_BLOCK=weight.nested_block, WEIGHTS=weight.weights_ptx, BLOCK_M=block_m,
                     PADDED=batch < block_m, num_warps=config.num_warps, num_stages=config.num_stages, **config.kwargs)
             name = config or "the tuner's pick"

@@ -53,6 +53,14 @@ def test_packed_weights_off_a_16_byte_boundary_are_refused():
         NF4Weight.from_linears([module])
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_the_kernels_read_the_weight_in_their_argument_order(double_quant):
+    joined = NF4Weight.from_linears([random_nf4_linear(64, 256, "cpu", double_quant=double_quant)])
+    second_level = (joined.code2, joined.absmax2, joined.offset2) if double_quant else (joined.absmax,) * 3
+    assert all(a is b for a, b in zip(joined.kernel_operands(), (joined.packed, joined.absmax, *second_level),
+                                      strict=True))
+
+
 def test_the_kernel_is_for_cuda_only():
     assert not nf4_kernel_available("cpu")
 
