@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .batch_decode import DEFAULT_SLOT_LENGTH, PREFILL_GROUP, BatchDecoder, SlotRequest, TokenEvent, slots_that_fit
+from .generation import SettingsError
 
 if TYPE_CHECKING:
     from .engine import Engine, Request, Scheduler
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BATCH = 64  # slots at most, whatever the memory would hold
 
 
-class TooManySamples(ValueError):
+class TooManySamples(SettingsError):
     """A request asks for more answers than there are slots."""
 
 
@@ -36,6 +37,16 @@ class BatchScheduler:
         self.max_batch, self.slot_length, self.use_cuda_graph = max_batch, slot_length, use_cuda_graph
         self.decoder: BatchDecoder | None = None
         self._owners: dict[int, tuple[Request, int, SlotRequest]] = {}  # id(slot request) -> answer it serves
+
+    @property
+    def context_length(self) -> int:
+        """Tokens a slot holds, prompt and answer together (the engine refuses longer requests up front)."""
+        return self.slot_length
+
+    @property
+    def max_samples(self) -> int | None:
+        """Answers one request may ask for: the slots (None until the decoder knows how many fit)."""
+        return None if self.decoder is None else self.decoder.max_batch
 
     def run(self, engine: Engine) -> None:
         model = engine.vlm.model
@@ -82,16 +93,18 @@ class BatchScheduler:
         """Prefill the joining requests together (one slot per answer). If that fails, each is tried alone, so a
         request fails only for its own fault, never for a neighbour's."""
         slot_requests = []
-        for request in requests:
-            sampling = request.sampling
-            for index in range(sampling.num_samples):
-                slot = SlotRequest(
-                    request.inputs, max_new_tokens=sampling.max_new_tokens,
-                    min_new_tokens=sampling.min_new_tokens, do_sample=sampling.do_sample,
-                    temperature=sampling.temperature, min_p=sampling.min_p,
-                    seed=None if sampling.seed is None else sampling.seed + index)
+        for request in list(requests):
+            try:
+                slots = self._slot_requests(request)
+            except Exception as err:  # this request's own settings or inputs: it alone fails
+                request.fail(err)
+                requests = [r for r in requests if r is not request]
+                continue
+            for index, slot in enumerate(slots):
                 self._owners[id(slot)] = (request, index, slot)
-                slot_requests.append(slot)
+            slot_requests += slots
+        if not requests:
+            return
         try:
             self.decoder.admit(slot_requests)
         except Exception as err:
@@ -103,6 +116,16 @@ class BatchScheduler:
                 del self._owners[id(slot)]
             for request in requests:
                 self._admit([request])
+
+    @staticmethod
+    def _slot_requests(request: Request) -> list[SlotRequest]:
+        """One slot request per answer of `request`, each with its own seed (the request's, then the next ones)."""
+        sampling = request.sampling
+        return [SlotRequest(request.inputs, max_new_tokens=sampling.max_new_tokens,
+                            min_new_tokens=sampling.min_new_tokens, do_sample=sampling.do_sample,
+                            temperature=sampling.temperature, min_p=sampling.min_p,
+                            seed=None if sampling.seed is None else sampling.seed + index)
+                for index in range(sampling.num_samples)]
 
     def _cancel_stopped(self) -> None:
         """Answers that want no more tokens (a stop string, a caller that left) leave at the next step."""

@@ -19,18 +19,31 @@ class CliError(Exception):
     """A user mistake reported as one line on stderr with exit code 2."""
 
 
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that shows each option's default, where it has one that says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="hub id, local folder, 'tiny-random', or a server: http://host:8000/v1, 'ollama' "
                              "(default: $LLAMA_VISION_MODEL or the 11B 4-bit model)")
-    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS),
+                        help="what runs the model: auto picks unsloth where it is installed and a GPU is present, else "
+                             "transformers ($LLAMA_VISION_BACKEND replaces auto)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_SETTINGS["max_new_tokens"])
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_SETTINGS["max_new_tokens"],
+                        help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, default=DEFAULT_SETTINGS["temperature"],
                         help="sampling temperature; 0 means greedy, as --greedy")
-    parser.add_argument("--min-p", type=float, default=DEFAULT_SETTINGS["min_p"])
+    parser.add_argument("--min-p", type=float, default=DEFAULT_SETTINGS["min_p"],
+                        help="drop tokens less likely than this fraction of the likeliest one")
     parser.add_argument("--greedy", action="store_true", help="greedy decoding (ignores temperature and min-p)")
     parser.add_argument("--seed", type=int, default=None, help="make a sampled answer reproducible")
 
@@ -190,7 +203,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .batch_scheduler import scheduler_for
     from .engine import Engine
     from .remote import is_remote
-    from .wire import API_KEY_ENV, Limits
+    from .wire import API_KEY_ENV, LOOPBACK_HOSTS, Limits
 
     if is_remote(args.model):
         raise CliError("serve runs a model on this machine: give a hub id, a folder or tiny-random, not a URL")
@@ -203,7 +216,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"  the chat app: {url.removesuffix('/v1')}/app", file=sys.stderr)
     print(f"  on each laptop: LLAMA_VISION_MODEL={url}" + (f" {API_KEY_ENV}=<the key>" if api_key else ""),
           file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if args.host not in LOOPBACK_HOSTS and not api_key:
         print("  warning: anyone who can reach this machine can use it; add --api-key KEY for a room",
               file=sys.stderr)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels)
@@ -224,8 +237,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     def report(level: dict) -> None:
         print(f"{level['clients']} clients: {level['aggregate_tokens_per_s']} tok/s in all, "
-              f"{level['stream_tokens_per_s_p50']} tok/s a stream (p50), TTFT p95 {level['ttft_s_p95']} s",
-              file=sys.stderr)
+              f"{level['stream_tokens_per_s_p50']} tok/s a stream (p50), TTFT p95 {level['ttft_s_p95']} s"
+              + (f", {level['failed']} failed" if level.get("failed") else ""), file=sys.stderr)
 
     for path in args.images or []:
         if not Path(path).is_file():
@@ -269,16 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     describe.set_defaults(handler=cmd_describe)
 
     chat = sub.add_parser("chat", help="a multi-turn chat about one image")
-    chat.add_argument("image")
+    chat.add_argument("image", help="path or http(s) URL of the image to talk about")
     add_model_options(chat)
     add_sampling_options(chat)
     chat.set_defaults(handler=cmd_chat)
 
     fit = sub.add_parser("fit", help="estimate GPU memory from the model's config alone")
     fit.add_argument("model", help="11b, 90b, a checkpoint folder or a hub id")
-    fit.add_argument("--bits", type=float, nargs="+", default=[16, 8, 4])
+    fit.add_argument("--bits", type=float, nargs="+", default=[16, 8, 4], help="weight precisions to estimate")
     fit.add_argument("--context", type=int, default=2048, help="tokens of text context (KV cache)")
-    fit.add_argument("--batch", type=int, default=1)
+    fit.add_argument("--batch", type=int, default=1, help="conversations at once (KV caches)")
     fit.set_defaults(handler=cmd_fit)
 
     from .bench import BACKENDS as BENCH_BACKENDS
@@ -287,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", default=None, help="hub id, folder or tiny-random")
     bench.add_argument("--random-weights", choices=["11b", "90b"], default=None,
                        help="build that architecture with random weights on the GPU (no download)")
-    bench.add_argument("--backends", nargs="+", default=list(BENCH_BACKENDS), choices=list(BENCH_BACKENDS))
-    bench.add_argument("--new-tokens", type=int, default=128)
-    bench.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8, 16])
-    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--backends", nargs="+", default=list(BENCH_BACKENDS), choices=list(BENCH_BACKENDS),
+                       help="what to measure (unsloth-4bit needs a GPU)")
+    bench.add_argument("--new-tokens", type=int, default=128, help="tokens per answer, forced")
+    bench.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8, 16],
+                       help="answers per call (k samples of one prompt)")
+    bench.add_argument("--repeats", type=int, default=3, help="timed runs per number (the median is kept)")
     bench.add_argument("--modes", nargs="+", default=["generate", "fast"], choices=["generate", "fast"],
                        help="decode with Hugging Face generate, the fast CUDA-graph loop, or both side by side")
     bench.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -307,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="an OpenAI-compatible API over one loaded model, for a room")
     add_model_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for a room)")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to listen on")
     serve.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` ($LLAMA_VISION_API_KEY)")
     serve.add_argument("--allow-image-urls", action="store_true",
                        help="let clients name http(s) images for the server to fetch (off: they send the image)")
@@ -322,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest = sub.add_parser("loadtest", help="many clients at once against a server: time to first token, tokens/s")
     loadtest.add_argument("url", help="the server's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
     loadtest.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32], help="clients at once, per round")
-    loadtest.add_argument("--max-tokens", type=int, default=128)
+    loadtest.add_argument("--max-tokens", type=int, default=128, help="tokens each client asks for")
     loadtest.add_argument("--images", nargs="+", default=None,
                           help="images the clients take in turn (default: a different picture for each client)")
     loadtest.add_argument("--image-size", type=int, default=1120, help="side of the default pictures, in pixels")
@@ -340,8 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.set_defaults(handler=cmd_doctor)
 
     inputs = sub.add_parser("inputs", help="regenerate the input images, ground_truth.json and SOURCES.md")
-    inputs.add_argument("--output", default="input", help="folder to write (default: input)")
+    inputs.add_argument("--output", default="input", help="folder to write")
     inputs.set_defaults(handler=cmd_inputs)
+    for subcommand in sub.choices.values():
+        subcommand.formatter_class = HelpWithDefaults
     return parser
 
 

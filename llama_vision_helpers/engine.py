@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from .defaults import DEFAULT_SETTINGS
-from .generation import (PromptTooLong, check_fits_context, check_sampling, context_length, inputs_to_device,
-                         prepare_inputs)
+from .generation import (PromptTooLong, SettingsError, check_fits_context, check_sampling, context_length,
+                         inputs_to_device, prepare_inputs)
 from .model import VisionModel
 
 # --- what a request carries -----------------------------------------------------------------------------
@@ -55,7 +55,7 @@ class Sampling:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens, got {self.min_new_tokens}")
         check_sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature, min_p=self.min_p,
-                       do_sample=self.do_sample, num_samples=self.num_samples)
+                       do_sample=self.do_sample, num_samples=self.num_samples, seed=self.seed)
 
 
 @dataclass(frozen=True)
@@ -132,12 +132,11 @@ class _Row:
 
     def _offer(self, text: str, final: bool = False) -> None:
         stops = self.request.sampling.stop
-        for stop in stops:
-            at = text.find(stop, max(0, len(self.emitted) - len(stop) + 1))
-            if at != -1:
-                self._emit(text[:at])
-                self.finish_reason = "stop"
-                return
+        found = [at for stop in stops if (at := text.find(stop, max(0, len(self.emitted) - len(stop) + 1))) != -1]
+        if found:  # the answer ends where the first stop string in the text begins
+            self._emit(text[:min(found)])
+            self.finish_reason = "stop"
+            return
         hold = 0
         if not final:  # keep back a tail that could be the start of a stop string
             for stop in stops:
@@ -180,14 +179,17 @@ class Request:
         self._open = set(range(sampling.num_samples))
         self._ended = threading.Event()
         self._on_end: Callable[[Request], Any] | None = None  # the queue's bookkeeping
+        self._on_cancel: Callable[[Request], Any] | None = None  # the queue's, while the request waits in it
         self.error: BaseException | None = None
         self.position: int | None = None  # place in line while queued; None once running
 
     # --- for the caller -----------------------------------------------------------------------------
 
     def cancel(self) -> None:
-        """Stop as soon as possible (the scheduler checks between tokens); a queued request is dropped."""
+        """Stop as soon as possible (the scheduler checks between tokens); a queued request leaves the line at once."""
         self._cancel.set()
+        if self._on_cancel is not None:
+            self._on_cancel(self)
 
     @property
     def cancelled(self) -> bool:
@@ -275,6 +277,7 @@ class RequestQueue:
         self._lock = threading.Condition()
         self.max_waiting = max_waiting
         self.closed = False
+        self.closed_reason = ""
         self.running: set[Request] = set()
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
 
@@ -285,9 +288,10 @@ class RequestQueue:
     def put(self, request: Request) -> None:
         with self._lock:
             if self.closed:
-                raise EngineClosed("the engine has shut down")
+                raise EngineClosed(f"{self.closed_reason}: nothing more is accepted")
             if len(self._waiting) >= self.max_waiting:
                 raise EngineBusy(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            request._on_end, request._on_cancel = self._finished, self._drop
             self._waiting.append(request)
             request.set_position(len(self._waiting))
             self._lock.notify()
@@ -310,17 +314,29 @@ class RequestQueue:
     def _pop(self) -> Request | None:
         while self._waiting:
             request = self._waiting.popleft()
+            request._on_cancel = None
             if request.cancelled:
                 request.finish_all("cancelled")
                 continue
             request.set_position(None)
             self.running.add(request)
-            request._on_end = self._finished
-            live = (waiting for waiting in self._waiting if not waiting.cancelled)
-            for place, waiting in enumerate(live, start=1):
-                waiting.set_position(place)
+            self._tell_places()
             return request
         return None
+
+    def _drop(self, request: Request) -> None:
+        """A waiting request was cancelled: it ends now, and the ones behind it move up."""
+        with self._lock:
+            if request not in self._waiting:  # taken meanwhile: the scheduler sees the cancel
+                return
+            self._waiting.remove(request)
+            request._on_cancel = None
+            request.finish_all("cancelled")
+            self._tell_places()
+
+    def _tell_places(self) -> None:
+        for place, waiting in enumerate([w for w in self._waiting if not w.cancelled], start=1):
+            waiting.set_position(place)
 
     def _finished(self, request: Request) -> None:
         with self._lock:
@@ -328,11 +344,14 @@ class RequestQueue:
             outcome = "failed" if request.error else "cancelled" if request.cancelled else "completed"
             self.counts[outcome] += 1
 
-    def close(self) -> None:
+    def close(self, reason: str = "the engine shut down") -> None:
+        """Accept nothing more; the waiting requests fail with `reason`."""
         with self._lock:
-            self.closed = True
+            self.closed, self.closed_reason = True, reason
             while self._waiting:
-                self._waiting.popleft().fail(EngineClosed("the engine shut down before this request ran"))
+                request = self._waiting.popleft()
+                request._on_cancel = None
+                request.fail(EngineClosed(f"{reason} before this request ran"))
             self._lock.notify_all()
 
 
@@ -433,7 +452,10 @@ class Engine:
         self.vlm = vlm
         self.scheduler = scheduler or SerialScheduler()
         self.queue = RequestQueue(max_waiting)
-        self.context_length = context_length(vlm) or DEFAULT_CONTEXT
+        # tokens an answer may have with its prompt: the model's context, or less where the scheduler holds less
+        self.context_length = min(filter(None, (context_length(vlm) or DEFAULT_CONTEXT,
+                                                getattr(self.scheduler, "context_length", None))))
+        self.failure: BaseException | None = None  # what stopped the scheduler, if it stopped on an error
         self._thread = threading.Thread(target=self._run, name="llama-vision-engine", daemon=True)
         self._thread.start()
 
@@ -443,7 +465,18 @@ class Engine:
     is_random = property(lambda self: self.vlm.is_random)
 
     def _run(self) -> None:
-        self.scheduler.run(self)
+        try:
+            self.scheduler.run(self)
+        except BaseException as err:
+            # the scheduler itself broke (not one request): nobody must wait for it, and nothing more is accepted
+            self.failure = err
+            reason = f"the engine stopped on an error ({type(err).__name__}: {err})"
+            self.queue.close(reason)
+            with self.queue._lock:
+                running = list(self.queue.running)
+            for request in running:
+                request.fail(EngineClosed(reason))
+            raise
 
     def prepare(self, messages: list[dict], image: Any, sampling: Sampling, *,
                 on_event: Callable[[Event], Any] | None = None, fit_max_tokens: bool = False) -> Request:
@@ -458,7 +491,11 @@ class Engine:
         if fit_max_tokens and 1 <= room < sampling.max_new_tokens:
             sampling = dataclasses.replace(sampling, max_new_tokens=room,
                                            min_new_tokens=min(sampling.min_new_tokens, room))
-        check_fits_context(self.vlm, prompt_tokens, sampling.max_new_tokens)
+        check_fits_context(self.vlm, prompt_tokens, sampling.max_new_tokens, limit=self.context_length)
+        most = getattr(self.scheduler, "max_samples", None)
+        if most is not None and sampling.num_samples > most:
+            raise SettingsError(f"{sampling.num_samples} answers asked for, but this engine decodes {most} at a "
+                                "time: ask for fewer.")
         tokenizer = getattr(self.vlm.processor, "tokenizer", self.vlm.processor)
         return Request(inputs, sampling, tokenizer, on_event=on_event)
 
@@ -476,6 +513,11 @@ class Engine:
     def stats(self) -> dict[str, int]:
         """Requests waiting and running now, and how the others ended (completed, cancelled, failed)."""
         return {"waiting": len(self.queue), "running": len(self.queue.running), **self.queue.counts}
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the engine still serves: open, and its scheduler thread running."""
+        return self.failure is None and not self.queue.closed and self._thread.is_alive()
 
     def close(self, timeout: float | None = 30) -> None:
         """Stop accepting requests, fail the waiting ones, and let the running one finish."""

@@ -25,7 +25,13 @@ class ChatError(ValueError):
 
 
 class PromptTooLong(ChatError):
-    """The prompt and the answer it may grow to do not fit in the model's context."""
+    """The prompt and the answer it may grow to do not fit in the model's context (the numbers are kept for
+    callers that word the advice in their own terms, such as the server's `max_tokens`)."""
+
+    def __init__(self, message: str, *, prompt_tokens: int | None = None, max_new_tokens: int | None = None,
+                 limit: int | None = None) -> None:
+        super().__init__(message)
+        self.prompt_tokens, self.max_new_tokens, self.limit = prompt_tokens, max_new_tokens, limit
 
 
 class SettingsError(ValueError):
@@ -162,9 +168,19 @@ def make_streamer(processor: Any, on_text: Callable[[str], Any] | None = None, e
     return CollectingStreamer()
 
 
+MAX_SEED = 2**32 - 1  # seeds reach numpy's generator (transformers' set_seed), which takes 32 bits
+
+
+def check_seed(seed: int | None) -> None:
+    """Raise `SettingsError` for a seed the random generators cannot take (None: no seed)."""
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise SettingsError(f"seed must be between 0 and {MAX_SEED:,} (2**32 - 1), got {seed}.")
+
+
 def check_sampling(*, max_new_tokens: int, temperature: float, min_p: float, do_sample: bool,
-                   num_samples: int) -> None:
+                   num_samples: int, seed: int | None = None) -> None:
     """Raise `SettingsError`, saying what to do, for settings out of range (before anything is generated)."""
+    check_seed(seed)
     if num_samples < 1:
         raise SettingsError(f"num_samples must be at least 1, got {num_samples}.")
     if max_new_tokens < 1:
@@ -206,15 +222,22 @@ def context_length(vlm: VisionModel) -> int | None:
     return length if isinstance(length, int) else None
 
 
-def check_fits_context(vlm: VisionModel, prompt_tokens: int, max_new_tokens: int) -> None:
-    """Raise `PromptTooLong` when the prompt and the answer it may grow to do not fit in the model's context."""
-    limit = context_length(vlm)
+def check_fits_context(vlm: VisionModel, prompt_tokens: int, max_new_tokens: int, *,
+                       limit: int | None = None) -> None:
+    """Raise `PromptTooLong` when the prompt and the answer it may grow to do not fit in the model's context (or in
+    `limit` tokens, where whatever runs the model holds fewer)."""
+    model_limit = context_length(vlm)
+    limit = min(filter(None, (limit, model_limit)), default=None)
     if limit is not None and prompt_tokens + max_new_tokens > limit:
-        raise PromptTooLong(
-            f"The prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together more than the "
-            f"model's context of {limit} tokens. Shorten the question or the conversation (Chat.reset()), or "
-            f"lower max_new_tokens to at most {max(limit - prompt_tokens, 0)}."
-        )
+        where = "model's context" if limit == model_limit else "context this engine holds per answer"
+        if prompt_tokens >= limit:
+            message = (f"The prompt alone is {prompt_tokens} tokens: more than fits in the {where} of {limit} "
+                       "tokens with an answer. Shorten the question or the conversation (Chat.reset()).")
+        else:
+            message = (f"The prompt is {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: together more "
+                       f"than the {where} of {limit} tokens. Shorten the question or the conversation "
+                       f"(Chat.reset()), or lower max_new_tokens to at most {limit - prompt_tokens}.")
+        raise PromptTooLong(message, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, limit=limit)
 
 
 def first_answer_streamer(streamer: Any):
@@ -260,6 +283,7 @@ def generate_token_ids(
     )
     kwargs.update(generate_kwargs)
     check_fits_context(vlm, inputs["input_ids"].shape[1], max_new_tokens)
+    check_seed(seed)
     if streamer is not None:
         kwargs["streamer"] = streamer if num_samples == 1 else first_answer_streamer(streamer)
     if seed is not None:

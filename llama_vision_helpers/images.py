@@ -131,7 +131,10 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageLoadError(f"{name} is too large to decode safely ({err}).") from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except UnidentifiedImageError as err:  # (its message names PIL's in-memory file object, which says nothing)
+        raise ImageLoadError(f"{name} is not an image PIL can read: not a known image format, or not an image "
+                             "at all.") from err
+    except (OSError, SyntaxError) as err:
         raise ImageLoadError(f"{name} is not an image PIL can read ({err}).") from err
     return image
 

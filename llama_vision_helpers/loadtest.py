@@ -78,16 +78,26 @@ async def _one_stream(client: Any, model: str, index: int, image_url: str | None
 
 
 async def _round(client: Any, model: str, clients: int, image_urls: list[str | None], max_tokens: int,
-                 min_tokens: int | None, temperature: float) -> tuple[list[StreamResult], float]:
+                 min_tokens: int | None, temperature: float) -> tuple[list[StreamResult], list[str], float]:
+    """One round: the streams that finished, what went wrong with the others, and the wall time. A request that
+    fails is reported and the round goes on; if every one fails, the first error is raised."""
     start = time.perf_counter()
-    results = await asyncio.gather(*(
+    outcomes = await asyncio.gather(*(
         _one_stream(client, model, i, image_urls[i % len(image_urls)], max_tokens, min_tokens, temperature)
-        for i in range(clients)))
-    return list(results), time.perf_counter() - start
+        for i in range(clients)), return_exceptions=True)
+    wall = time.perf_counter() - start
+    results = [outcome for outcome in outcomes if isinstance(outcome, StreamResult)]
+    failures = [outcome for outcome in outcomes if not isinstance(outcome, StreamResult)]
+    if failures and not results:
+        raise failures[0]
+    errors = [f"client {i}: {type(outcome).__name__}: {outcome}" for i, outcome in enumerate(outcomes)
+              if not isinstance(outcome, StreamResult)]
+    return results, errors, wall
 
 
-def summarize(clients: int, results: list[StreamResult], wall_s: float) -> dict:
-    """The numbers a teacher reads: aggregate tokens/s, each stream's tokens/s (p50, slowest), TTFT p50/p95."""
+def summarize(clients: int, results: list[StreamResult], wall_s: float, errors: Sequence[str] = ()) -> dict:
+    """The numbers a teacher reads: aggregate tokens/s, each stream's tokens/s (p50, slowest), TTFT p50/p95 (of
+    the requests that finished; `errors` says what happened to the others)."""
     rates = [r.tokens_per_s for r in results]
     ttfts = [r.ttft_s for r in results]
     total = sum(r.tokens for r in results)
@@ -98,6 +108,7 @@ def summarize(clients: int, results: list[StreamResult], wall_s: float) -> dict:
         "stream_tokens_per_s_min": round(min(rates), 1) if rates else float("nan"),
         "ttft_s_p50": round(percentile(ttfts, 50), 3), "ttft_s_p95": round(percentile(ttfts, 95), 3),
         "requests": [asdict(r) | {"tokens_per_s": round(r.tokens_per_s, 1)} for r in results],
+        "failed": len(errors), "errors": list(errors),
     }
 
 
@@ -131,20 +142,22 @@ def run_loadtest(url: str, clients: Sequence[int] = DEFAULT_CLIENTS, *, max_toke
 
     async def main() -> list[dict]:
         client = AsyncOpenAI(base_url=url, api_key=api_key or "none", timeout=timeout, max_retries=0)
-        model = (await client.models.list()).data[0].id
-        levels = []
-        for count in clients:
-            if warmup_tokens:
-                await _round(client, model, count, urls, warmup_tokens, warmup_tokens if force_length else None,
-                             temperature)
-            results, wall = await _round(client, model, count, urls, max_tokens,
-                                         max_tokens if force_length else None, temperature)
-            level = summarize(count, results, wall)
-            levels.append(level)
-            if on_level is not None:
-                on_level(level)
-        await client.close()
-        return levels
+        try:
+            model = (await client.models.list()).data[0].id
+            levels = []
+            for count in clients:
+                if warmup_tokens:
+                    await _round(client, model, count, urls, warmup_tokens,
+                                 warmup_tokens if force_length else None, temperature)
+                results, errors, wall = await _round(client, model, count, urls, max_tokens,
+                                                     max_tokens if force_length else None, temperature)
+                level = summarize(count, results, wall, errors)
+                levels.append(level)
+                if on_level is not None:
+                    on_level(level)
+            return levels
+        finally:
+            await client.close()
 
     levels = asyncio.run(main())
     return {"url": url, "max_tokens": max_tokens, "force_length": force_length, "temperature": temperature,
@@ -163,4 +176,8 @@ def format_table(levels: list[dict]) -> str:
              "|" + "---|" * len(TABLE_COLUMNS)]
     for level in levels:
         lines.append("| " + " | ".join(str(level[key]) for key, _ in TABLE_COLUMNS) + " |")
+    for level in levels:
+        if level.get("failed"):
+            lines.append(f"\n{level['failed']} of {level['clients']} requests failed with {level['clients']} "
+                         f"clients (the row counts the others); first: {level['errors'][0]}")
     return "\n".join(lines)

@@ -144,6 +144,8 @@ def _explain_errors(base_url: str) -> Iterator[None]:
         if typed is not None:
             raise typed(message) from err
         raise ServerError(f"The server at {base_url} refused the request ({err.status_code}): {message}") from err
+    except openai.APIError as err:  # an error the server sent in the middle of a streamed answer
+        raise ServerError(f"The server at {base_url} failed while answering: {err.message}") from err
 
 
 def connect(name: str, *, api_key: str | None = None, timeout: float = ANSWER_TIMEOUT_S) -> RemoteModel:
@@ -151,12 +153,14 @@ def connect(name: str, *, api_key: str | None = None, timeout: float = ANSWER_TI
     import openai
 
     base_url, model, is_ollama = parse_remote(name)
-    key = api_key or os.environ.get(API_KEY_ENV) or os.environ.get("OPENAI_API_KEY") or "none"
-    client = openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=1)
+    # only this package's own variable: a key meant for another service is never sent to a room's server
+    key = api_key or os.environ.get(API_KEY_ENV)
+    client = openai.OpenAI(base_url=base_url, api_key=key or "none", timeout=timeout, max_retries=1)
     try:
         listed = [entry.id for entry in client.with_options(timeout=CONNECT_TIMEOUT_S).models.list()]
     except openai.AuthenticationError as err:
-        raise ModelLoadError(f"The server at {base_url} needs an API key: set ${API_KEY_ENV} to the key it was "
+        problem = "refused the API key" if key else "needs an API key"
+        raise ModelLoadError(f"The server at {base_url} {problem}: set ${API_KEY_ENV} to the key it was "
                              "started with.") from err
     except (openai.APIConnectionError, openai.APIStatusError) as err:
         hint = ("start Ollama (`ollama serve`) and `ollama pull llama3.2-vision`" if is_ollama else

@@ -17,18 +17,21 @@ import uuid
 from typing import Any, AsyncIterator
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from .engine import Delta, Done, Engine, EngineBusy, EngineClosed, Failed, PromptTooLong, Queued, Sampling
 from .defaults import DEFAULT_SETTINGS
 from .generation import ChatError, SettingsError, check_conversation
-from .wire import API_KEY_ENV, DEFAULT_PORT, Limits, WireError, decode_image_url, error_body, from_openai_messages
+from .wire import (API_KEY_ENV, DEFAULT_PORT, LOOPBACK_HOSTS, Limits, WireError, decode_image_url, error_body,
+                   from_openai_messages)
 
 MAX_STOP = 4
 DISCONNECT_POLL_S = 0.5
+JSON_TYPE = "application/json"
 # Images decoded and preprocessed at once. Each takes a core (and the interpreter lock part of the time); with
 # more, a crowd's requests finish preparing together, late, instead of one after another from the first.
 PREPARE_WORKERS = 2
@@ -62,6 +65,9 @@ class ChatCompletionRequest(BaseModel):
     def sampling(self) -> Sampling:
         """The engine's settings: temperature 0 means greedy; what is not given is the library's default."""
         temperature = DEFAULT_SETTINGS["temperature"] if self.temperature is None else self.temperature
+        if self.n > 1 and temperature == 0:
+            raise WireError(f"n is {self.n} with temperature 0: greedy decoding gives the same answer every time. "
+                            "Ask for n=1, or sample with a temperature above 0.", param="n")
         max_new_tokens = self.max_completion_tokens or self.max_tokens or DEFAULT_SETTINGS["max_new_tokens"]
         return Sampling(
             max_new_tokens=max_new_tokens,
@@ -81,26 +87,37 @@ def _error(status: int, message: str, type: str = "invalid_request_error", param
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: bool = False,
-               limits: Limits = Limits(), prepare_workers: int = PREPARE_WORKERS) -> FastAPI:
+               limits: Limits = Limits(), prepare_workers: int = PREPARE_WORKERS,
+               trusted_hosts: list[str] | None = None) -> FastAPI:
     """The API over a running engine (not yet served: `serve` runs it with uvicorn). `prepare_workers`: requests
-    whose image is decoded and preprocessed at once; the others wait their turn in order of arrival."""
+    whose image is decoded and preprocessed at once; the others wait their turn in order of arrival.
+    `trusted_hosts`: the only Host names answered (None: any; `serve` gives the loopback names when it listens on
+    this machine alone)."""
     if prepare_workers < 1:
         raise ValueError(f"prepare_workers must be at least 1, got {prepare_workers}")
     app = FastAPI(title="llama-vision", docs_url=None, redoc_url=None, openapi_url=None)
+    if trusted_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))
     served_name = engine.model_name
     created = int(time.time())
     preparing = anyio.CapacityLimiter(prepare_workers)
 
-    @app.middleware("http")
-    async def check_api_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
+    # The key is checked as a dependency of the /v1 routes, not in an HTTP middleware: with one of those in the way,
+    # a handler can no longer tell that its client has hung up, and a request left behind would run to its end.
+    def check_api_key(request: Request) -> None:
+        if api_key:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return _error(401, "This server needs an API key: send `Authorization: Bearer KEY` (with the "
-                                   f"openai client, api_key=KEY; with this library, ${API_KEY_ENV}=KEY).",
-                              type="authentication_error", code="invalid_api_key")
-        return await call_next(request)
+                raise WireError("This server needs an API key: send `Authorization: Bearer KEY` (with the openai "
+                                f"client, api_key=KEY; with this library, ${API_KEY_ENV}=KEY).", status=401,
+                                type="authentication_error", code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+
+    @app.exception_handler(WireError)
+    async def wire_error(request: Request, err: WireError):
+        return JSONResponse(err.body(), status_code=err.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException):
@@ -108,19 +125,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
         return _error(err.status_code, f"{request.method} {request.url.path}: {err.detail}", type=kind)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok", "model": served_name, **engine.stats()}
+    async def health():
+        stats = {"model": served_name, **engine.stats()}
+        if not engine.healthy:
+            reason = engine.queue.closed_reason or "the engine is not running"
+            return JSONResponse({"status": "failed", "error": reason, **stats}, status_code=503)
+        return {"status": "ok", **stats}
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return {"object": "list", "data": [
             {"id": served_name, "object": "model", "created": created, "owned_by": "llama-vision"}]}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         try:
+            _check_json(request)
             body = await _read_body(request, limits.max_body_bytes)
             params = _parse(body, limits)
+            if params.model and params.model != served_name:
+                raise WireError(f"The model {params.model!r} is not served here; this server serves "
+                                f"{served_name!r} (GET /v1/models lists it).", status=404, param="model",
+                                code="model_not_found")
             messages, urls = from_openai_messages(params.messages)
             check_conversation(messages, has_image=bool(urls))
             sampling = params.sampling()
@@ -139,7 +165,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
         except WireError as err:
             return JSONResponse(err.body(), status_code=err.status)
         except PromptTooLong as err:
-            return _error(400, str(err), param="messages", code="context_length_exceeded")
+            return _error(400, _too_long(err), param="messages", code="context_length_exceeded")
         except ChatError as err:
             return _error(400, str(err), param="messages", code="invalid_conversation")
         except SettingsError as err:  # sampling settings the library refuses, with what to do
@@ -155,7 +181,28 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _complete(request, prepared, events, completion)
 
+    app.include_router(v1)
     return app
+
+
+def _check_json(request: Request) -> None:
+    """Only JSON bodies: a web page may send other types to any address without asking, this one it may not."""
+    media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != JSON_TYPE:
+        raise WireError(f"The body must be JSON, sent with `Content-Type: {JSON_TYPE}` (got "
+                        f"{media_type or 'no Content-Type'}).", status=415, code="unsupported_media_type")
+
+
+def _too_long(err: PromptTooLong) -> str:
+    """The advice for a conversation that does not fit, in the API's terms (max_tokens, not max_new_tokens)."""
+    if err.limit is None or err.prompt_tokens is None:
+        return str(err)
+    if err.prompt_tokens >= err.limit:
+        return (f"The conversation is {err.prompt_tokens} tokens: more than fits in this server's context of "
+                f"{err.limit} tokens with an answer. Shorten the conversation.")
+    return (f"The conversation is {err.prompt_tokens} tokens and max_tokens is {err.max_new_tokens}: together more "
+            f"than this server's context of {err.limit} tokens. Lower max_tokens to at most "
+            f"{err.limit - err.prompt_tokens}, or shorten the conversation.")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -227,28 +274,42 @@ class _Completion:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-async def _next_event(request: Request, events: asyncio.Queue, prepared) -> Any:
-    """The next engine event; cancels the generation if the client has gone."""
+async def _engine_events(request: Request, events: asyncio.Queue, prepared) -> AsyncIterator[Any]:
+    """The engine's events for this request. Every `DISCONNECT_POLL_S`, whether or not events keep coming, it checks
+    that the client is still there; if it has gone, the generation is cancelled."""
+    next_check = time.monotonic() + DISCONNECT_POLL_S
     while True:
-        try:
-            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
+        event = None
+        if not events.empty():
+            event = events.get_nowait()
+        else:
+            try:
+                event = await asyncio.wait_for(events.get(), max(next_check - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                pass
+        if time.monotonic() >= next_check:
             if await request.is_disconnected():
                 prepared.cancel()
-                raise asyncio.CancelledError("client disconnected") from None
+                raise asyncio.CancelledError("client disconnected")
+            next_check = time.monotonic() + DISCONNECT_POLL_S
+        if event is not None:
+            yield event
 
 
 async def _complete(request: Request, prepared, events: asyncio.Queue, completion: _Completion):
     remaining = len(completion.texts)
     try:
-        while remaining:
-            event = await _next_event(request, events, prepared)
+        async for event in _engine_events(request, events, prepared):
             if isinstance(event, Delta):
                 completion.texts[event.index] += event.text
             elif isinstance(event, Done):
                 completion.record(event)
                 remaining -= 1
+                if not remaining:
+                    break
             elif isinstance(event, Failed):
+                if isinstance(event.error, SettingsError):  # the request's own settings, found when it ran
+                    return _error(400, str(event.error), code="invalid_value")
                 return _error(500, f"Generation failed: {type(event.error).__name__}: {event.error}",
                               type="server_error")
     finally:
@@ -262,8 +323,7 @@ async def _stream(request: Request, prepared, events: asyncio.Queue, completion:
     try:
         yield completion.chunk([completion.delta(i, {"role": "assistant", "content": ""})
                                 for i in range(remaining)])
-        while remaining:
-            event = await _next_event(request, events, prepared)
+        async for event in _engine_events(request, events, prepared):
             if isinstance(event, Queued):
                 yield f": queued, place {event.position}\n\n"  # an SSE comment: clients skip it
             elif isinstance(event, Delta):
@@ -272,6 +332,8 @@ async def _stream(request: Request, prepared, events: asyncio.Queue, completion:
                 completion.record(event)
                 remaining -= 1
                 yield completion.chunk([completion.delta(event.index, {}, completion.finish[event.index])])
+                if not remaining:
+                    break
             elif isinstance(event, Failed):
                 body = error_body(f"Generation failed: {type(event.error).__name__}: {event.error}", "server_error")
                 yield f"data: {json.dumps(body)}\n\n"
@@ -289,7 +351,8 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, 
     """Run the API with uvicorn until interrupted; `with_app` also serves the chat app at /app (same engine)."""
     import uvicorn
 
-    app = create_app(engine, api_key=api_key, allow_image_urls=allow_image_urls, limits=limits)
+    app = create_app(engine, api_key=api_key, allow_image_urls=allow_image_urls, limits=limits,
+                     trusted_hosts=list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None)
     if with_app:
         from .app import mount
 

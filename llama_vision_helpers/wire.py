@@ -19,6 +19,9 @@ from .images import ImageLoadError, load_image
 
 
 DEFAULT_PORT = 8000
+# A server bound to one of these is for this machine alone; these are also the only names it answers to, so that a
+# web page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) can neither use it nor read its answers.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 API_KEY_ENV = "LLAMA_VISION_API_KEY"  # the server's key, and what a client sends
 MAX_BODY_MB = 20
 MAX_IMAGE_PIXELS = 40_000_000
@@ -109,7 +112,10 @@ def from_openai_messages(messages: Any) -> tuple[list[dict], list[str]]:
         for part in content:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                parts.append({"type": "text", "text": str(part.get("text", ""))})
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise WireError(f"{where} has a text part whose text is not a string.", param=where)
+                parts.append({"type": "text", "text": text})
             elif kind == "image_url":
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url

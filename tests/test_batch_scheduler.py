@@ -7,7 +7,7 @@ from PIL import Image
 
 from llama_vision_helpers.batch_scheduler import BatchScheduler
 from llama_vision_helpers.engine import Delta, Done, Engine, Failed, Queued, Sampling
-from llama_vision_helpers.generation import answer_messages, user_message
+from llama_vision_helpers.generation import PromptTooLong, SettingsError, answer_messages, user_message
 
 
 def text_of(events, index=0):
@@ -107,25 +107,65 @@ def test_requests_wait_for_a_free_slot_and_learn_their_place(vlm, conversations)
         events = [first + list(requests[0])] + [list(request) for request in requests[1:]]
         assert [[e.position for e in ev if isinstance(e, Queued)] for ev in events] == [[1], [2, 1], [3, 2, 1]]
         assert text_of(events[0]) == text_of(events[1]) == text_of(events[2])
-        too_many = engine.submit(messages, image, Sampling(max_new_tokens=4, num_samples=2))
-        assert "ask for fewer" in str(list(too_many)[-1].error)
+        with pytest.raises(SettingsError, match="ask for fewer"):  # once the slots are known, before it is queued
+            engine.submit(messages, image, Sampling(max_new_tokens=4, num_samples=2))
     finally:
         engine.close()
 
 
-def test_a_failing_request_is_reported_and_the_others_keep_going(vlm, conversations):
-    """Both wait in the queue, so they join in the same step; only the one that fails on its own is failed."""
+def unknown_tokens(engine, messages, image):
+    """A request with token ids the model does not have: its prefill raises."""
+    bad = engine.prepare(messages, image, Sampling(max_new_tokens=5, do_sample=False))
+    bad.inputs["input_ids"][:] = 10**7
+    engine.queue.put(bad)
+    return bad
+
+
+def two_conversations(engine, messages, image):
+    """A request whose inputs hold two conversations: making its slot raises."""
+    bad = engine.prepare(messages, image, Sampling(max_new_tokens=5, do_sample=False))
+    bad.inputs = {name: value.repeat(2, *[1] * (value.dim() - 1)) for name, value in bad.inputs.items()}
+    engine.queue.put(bad)
+    return bad
+
+
+def more_answers_than_slots(engine, messages, image):
+    """Two answers for one slot, asked before the scheduler knows its slots (afterwards `prepare` refuses it)."""
+    return engine.submit(messages, image, Sampling(max_new_tokens=4, num_samples=2))
+
+
+@pytest.mark.parametrize("spoil, max_batch, error", [
+    (unknown_tokens, 3, "index out of range"), (two_conversations, 3, "one conversation"),
+    (more_answers_than_slots, 1, "ask for fewer")])
+def test_a_request_that_fails_on_its_own_fails_alone(vlm, conversations, spoil, max_batch, error):
+    """Both wait in the queue, so they join at the same step; only the one at fault fails, and the engine goes on."""
     gate = threading.Event()
-    engine = Engine(vlm, Gated(gate, max_batch=3))
+    engine = Engine(vlm, Gated(gate, max_batch=max_batch))
     try:
         messages, image, n = conversations[2]
+        bad = spoil(engine, messages, image)
         good = engine.submit(messages, image, Sampling(max_new_tokens=n, do_sample=False))
-        bad = engine.prepare(*conversations[0][:2], Sampling(max_new_tokens=5, do_sample=False))
-        bad.inputs["input_ids"][:] = 10**7  # no such token: the prefill raises
-        engine.queue.put(bad)
         gate.set()
-        assert isinstance(list(bad)[-1], Failed)
-        assert text_of(list(good)) == solo(vlm, messages, image, n)
+        failure = list(bad)[-1]
+        assert isinstance(failure, Failed) and error in str(failure.error)
+        assert text_of(list(good)) == solo(vlm, messages, image, n) and engine.healthy
+    finally:
+        engine.close()
+
+
+def test_the_engine_refuses_what_a_slot_cannot_hold(vlm, conversations):
+    messages, image, _ = conversations[0]
+    engine = Engine(vlm, BatchScheduler(max_batch=2, slot_length=128))
+    try:
+        assert engine.context_length == 128
+        request = engine.prepare(messages, image, Sampling(max_new_tokens=1000), fit_max_tokens=True)
+        assert request.prompt_tokens + request.sampling.max_new_tokens == 128  # lowered to what a slot holds
+        with pytest.raises(PromptTooLong, match="context this engine holds per answer of 128 tokens"):
+            engine.prepare(messages, image, Sampling(max_new_tokens=128 - request.prompt_tokens + 1))
+        forced = 128 - request.prompt_tokens
+        done = list(engine.submit(messages, image, Sampling(max_new_tokens=forced, min_new_tokens=forced,
+                                                            do_sample=False)))[-1]
+        assert (done.finish_reason, done.completion_tokens) == ("length", forced)  # every token it was promised
     finally:
         engine.close()
 

@@ -41,12 +41,44 @@ def test_waiting_requests_learn_their_place_and_a_cancelled_one_is_dropped(gated
     first, second, third = (engine.submit([user_message(QUESTION, True)], photo, GREEDY) for _ in range(3))
     assert (first.position, second.position, third.position) == (1, 2, 3) and engine.waiting() == 3
     second.cancel()
+    # it leaves the line at once (the engine has not started yet): ended, not counted, the one behind moves up
+    assert second.done and engine.waiting() == 2 and third.position == 2
+    assert engine.stats()["cancelled"] == 1
     engine.gate.set()
     third_events = list(third)
-    assert [e.position for e in third_events if isinstance(e, Queued)] == [3, 1]  # the cancelled one no longer counts
+    assert [e.position for e in third_events if isinstance(e, Queued)] == [3, 2, 1]
     # dropped without running: not a single token generated for it
     assert [(e.finish_reason, e.completion_tokens) for e in second if isinstance(e, Done)] == [("cancelled", 0)]
     assert text_of(list(first)) == text_of(third_events)
+
+
+def test_a_cancelled_request_leaves_room_in_a_full_line(vlm, photo):
+    import threading
+
+    from llama_vision_helpers.engine import Engine, EngineBusy
+
+    gate = threading.Event()
+
+    class Gated:
+        def run(self, engine):
+            gate.wait(60)
+
+    engine = Engine(vlm, Gated(), max_waiting=2)
+    try:
+        waiting = [engine.submit([user_message(QUESTION, True)], photo, GREEDY) for _ in range(2)]
+        with pytest.raises(EngineBusy):
+            engine.submit([user_message(QUESTION, True)], photo, GREEDY)
+        waiting[0].cancel()
+        assert engine.submit([user_message(QUESTION, True)], photo, GREEDY).position == 2
+    finally:
+        gate.set()
+        engine.close()
+
+
+def test_requests_failed_by_closing_the_engine_are_counted(gated_engine, photo):
+    request = gated_engine.submit([user_message(QUESTION, True)], photo, GREEDY)
+    gated_engine.queue.close()
+    assert isinstance(list(request)[-1], Failed) and gated_engine.stats()["failed"] == 1
 
 
 def test_cancelling_a_running_request_frees_the_engine(engine, photo):
@@ -69,8 +101,61 @@ def test_a_failing_request_is_reported_and_the_engine_keeps_serving(engine, phot
 
 
 def test_a_prompt_longer_than_the_context_is_refused(engine, photo):
-    with pytest.raises(PromptTooLong, match="at most"):
+    with pytest.raises(PromptTooLong, match="at most") as info:
         engine.submit([user_message(QUESTION, True)], photo, Sampling(max_new_tokens=engine.context_length))
+    error = info.value
+    assert error.limit == engine.context_length and error.max_new_tokens == engine.context_length
+    assert f"at most {error.limit - error.prompt_tokens}." in str(error)
+
+
+def test_a_seed_out_of_range_is_refused_before_it_is_queued(engine):
+    from llama_vision_helpers.generation import SettingsError
+
+    for seed in (-1, 2**32, 2**64):
+        with pytest.raises(SettingsError, match="seed must be between 0 and"):
+            Sampling(seed=seed)
+    Sampling(seed=2**32 - 1)
+
+
+def test_if_the_scheduler_breaks_every_request_ends_and_nothing_more_is_taken(vlm, photo, monkeypatch):
+    import threading
+
+    from llama_vision_helpers.engine import Engine, EngineClosed
+
+    taken, gate = threading.Event(), threading.Event()
+
+    class Broken:
+        def run(self, engine):
+            engine.queue.take()  # one request running...
+            taken.set()
+            gate.wait(60)
+            raise RuntimeError("out of memory")  # ...when the scheduler itself fails
+
+    engine = Engine(vlm, Broken())
+    running = engine.submit([user_message(QUESTION, True)], photo, GREEDY)
+    taken.wait(60)
+    waiting = engine.submit([user_message(QUESTION, True)], photo, GREEDY)
+    assert engine.healthy
+    reported = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: reported.append(args.exc_value))
+    gate.set()
+    engine._thread.join(60)
+    assert [str(e) for e in reported] == ["out of memory"]  # the thread's own error is still reported
+    for request in (running, waiting):
+        assert request.done and isinstance(request.error, EngineClosed) and "out of memory" in str(request.error)
+    assert not engine.healthy and engine.stats()["failed"] == 2
+    with pytest.raises(EngineClosed, match="out of memory"):
+        engine.submit([user_message(QUESTION, True)], photo, GREEDY)
+
+
+@pytest.mark.parametrize("stops", [("world", "hello"), ("hello", "world")])
+def test_of_several_stop_strings_the_first_in_the_text_ends_the_answer(vlm, stops):
+    tokenizer = vlm.processor.tokenizer
+    ids = tokenizer.encode("say hello world", add_special_tokens=False)
+    request = Request({"input_ids": torch.ones(1, 2)}, Sampling(max_new_tokens=10, stop=stops), tokenizer)
+    request.push_tokens(0, ids)  # one push brings both stop strings
+    request.finish(0, "length")
+    assert text_of(list(request)) == "say "
 
 
 def test_request_is_usable_by_any_scheduler_without_a_model(vlm):

@@ -137,8 +137,12 @@ BAD_REQUESTS = {
     "a file URL": (with_image_url("file:///etc/passwd"), {}, 400, "data URL"),
     "too many pixels": (with_image_url(png_data_url((1100, 1000))), {}, 400, "at most 1,000,000"),
     "a body too large": (with_image_url("data:image/png;base64," + "A" * 1_200_000), {}, 413, "larger than"),
-    "a prompt longer than the context": (ask(), {"max_tokens": 5000}, 400, "context"),
-    "greedy with n": (ask(), {"n": 2, "temperature": 0}, 400, "do_sample=True"),
+    "a prompt longer than the context": (ask(), {"max_tokens": 5000}, 400, "Lower max_tokens to at most"),
+    "greedy with n": (ask(), {"n": 2, "temperature": 0}, 400, "Ask for n=1"),
+    "a seed out of range": (ask(), {"seed": 2**64}, 400, "seed must be between 0 and"),
+    "a text part without text": ([{"role": "user", "content": [{"type": "text", "text": None}]}], {}, 400,
+                                 "not a string"),
+    "a model not served here": (ask(), {"model": "gpt-4o"}, 404, "serves 'tiny-random'"),
     "negative temperature": (ask(), {"temperature": -1}, 400, "temperature"),
     "min_p above one": (ask(), {"extra_body": {"min_p": 2}}, 400, "min_p"),
     "an unknown role": ([{"role": "robot", "content": "beep"}], {}, 400, "role"),
@@ -150,7 +154,7 @@ BAD_REQUESTS = {
 def test_a_bad_request_gets_its_error_and_the_server_keeps_serving(client, vlm, name):
     messages, extra, status, words = BAD_REQUESTS[name]
     with pytest.raises(openai.APIStatusError) as info:
-        client.chat.completions.create(model="tiny-random", messages=messages, **{"max_tokens": 4, **extra})
+        client.chat.completions.create(messages=messages, **{"model": "tiny-random", "max_tokens": 4, **extra})
     error = info.value
     assert error.status_code == status
     assert set(error.body) >= {"message", "type", "param", "code"}  # the client unwraps {"error": {...}}
@@ -165,6 +169,20 @@ def test_invalid_json_is_a_400_with_an_openai_body(server):
     response = httpx.post(server.url + "/chat/completions", content=b"{not json", timeout=30,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+
+
+def test_only_json_bodies_are_taken(server):
+    """A web page can send a text/plain body anywhere without asking first; this server does not take one."""
+    response = httpx.post(server.url + "/chat/completions", timeout=30, headers={"content-type": "text/plain"},
+                          content=b'{"model": "tiny-random", "messages": [{"role": "user", "content": "Hi"}]}')
+    assert response.status_code == 415 and "Content-Type: application/json" in response.json()["error"]["message"]
+
+
+def test_a_server_on_this_machine_answers_only_to_this_machine_s_names(server):
+    """DNS rebinding: a page whose own name now points at 127.0.0.1 gets nothing from a server bound there."""
+    base = server.url.removesuffix("/v1")
+    assert httpx.get(base + "/health", headers={"host": "evil.example"}, timeout=10).status_code == 400
+    assert httpx.get(base + "/health", headers={"host": f"localhost:{server.port}"}, timeout=10).status_code == 200
 
 
 def test_a_client_that_hangs_up_frees_the_engine(client, server):
@@ -204,6 +222,78 @@ def served(engine, **app_options):
         thread.join(10)
 
 
+@pytest.mark.parametrize("api_key", [None, "s3cret"])
+def test_a_client_that_gives_up_on_a_whole_answer_frees_the_engine(vlm, api_key):
+    """Not streamed: the server must still notice that the client has gone (and stop generating for it)."""
+    from llama_vision_helpers.engine import Engine
+
+    engine = Engine(vlm)
+    try:
+        with served(engine, api_key=api_key) as url:
+            body = {"model": "tiny-random", "messages": ask(), "max_tokens": 3000, "min_tokens": 3000}
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/chat/completions", json=body, timeout=2,
+                           headers={"authorization": f"Bearer {api_key}"} if api_key else {})
+            deadline = time.monotonic() + 20
+            while engine.stats()["running"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert engine.stats() == {"waiting": 0, "running": 0, "completed": 0, "cancelled": 1, "failed": 0}
+    finally:
+        engine.close()
+
+
+def test_health_says_when_the_engine_has_stopped(vlm):
+    from llama_vision_helpers.engine import Engine
+
+    engine = Engine(vlm)
+    try:
+        with served(engine) as url:
+            assert httpx.get(url.removesuffix("/v1") + "/health", timeout=10).json()["status"] == "ok"
+            engine.queue.close("the engine stopped on an error (RuntimeError: out of memory)")
+            response = httpx.get(url.removesuffix("/v1") + "/health", timeout=10)
+            assert response.status_code == 503 and "out of memory" in response.json()["error"]
+    finally:
+        engine.close()
+
+
+class FailsTheFirst:
+    """A scheduler whose first request fails as it runs; the others run as usual."""
+
+    def run(self, engine):
+        from llama_vision_helpers.engine import SerialScheduler
+
+        first = engine.queue.take()
+        first.fail(RuntimeError("boom"))
+        SerialScheduler().run(engine)
+
+
+def test_an_error_in_the_middle_of_a_stream_is_a_server_error_for_the_library(vlm):
+    from llama_vision_helpers.engine import Engine
+    from llama_vision_helpers.remote import ServerError, connect
+
+    engine = Engine(vlm, FailsTheFirst())
+    try:
+        with served(engine) as url:
+            with pytest.raises(ServerError, match="failed while answering.*boom"):
+                describe_image(connect(url), IMAGE, QUESTION, max_new_tokens=4, stream=False)
+    finally:
+        engine.close()
+
+
+def test_the_load_test_reports_a_failed_request_and_goes_on(vlm):
+    from llama_vision_helpers.engine import Engine
+    from llama_vision_helpers.loadtest import format_table, run_loadtest
+
+    engine = Engine(vlm, FailsTheFirst())
+    try:
+        with served(engine) as url:
+            level = run_loadtest(url, [2], max_tokens=2, text_only=True, warmup_tokens=0)["levels"][0]
+    finally:
+        engine.close()
+    assert level["failed"] == 1 and len(level["requests"]) == 1 and "boom" in level["errors"][0]
+    assert "1 of 2 requests failed" in format_table([level])
+
+
 @pytest.fixture(scope="module")
 def keyed_server(vlm):
     """The API with a key, served in this process."""
@@ -226,6 +316,19 @@ def test_the_api_key_is_enforced(keyed_server):
     keyed = openai.OpenAI(base_url=keyed_server, api_key="s3cret", max_retries=0)
     assert [m.id for m in keyed.models.list()] == ["tiny-random"]
     assert keyed.chat.completions.create(model="tiny-random", messages=ask(), temperature=0, max_tokens=2).choices
+
+
+def test_the_library_says_whether_its_key_was_missing_or_refused(keyed_server, monkeypatch):
+    from llama_vision_helpers.model import ModelLoadError
+    from llama_vision_helpers.remote import connect
+
+    monkeypatch.delenv("LLAMA_VISION_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "s3cret")  # a key for another service is never sent
+    with pytest.raises(ModelLoadError, match="needs an API key"):
+        connect(keyed_server)
+    with pytest.raises(ModelLoadError, match="refused the API key"):
+        connect(keyed_server, api_key="wrong")
+    assert connect(keyed_server, api_key="s3cret").model_name == "tiny-random"
 
 
 @pytest.mark.parametrize("workers", [1, 3])
