@@ -6,6 +6,7 @@ import http.client
 import io
 import os
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -68,8 +69,9 @@ def _greyscale_to_8_bits(image: Image.Image) -> Image.Image:
     return Image.fromarray((np.clip(values, 0, 1) * 255).round().astype("uint8"), mode="L")
 
 
-def _download(url: str, timeout: float, max_bytes: int) -> bytes:
-    """The body at `url`, read in chunks; refuses one over `max_bytes` or shorter than announced."""
+def _download(url: str, timeout: float, max_bytes: int, deadline: float = float("inf")) -> bytes:
+    """The body at `url`, read in chunks; refuses one over `max_bytes`, shorter than announced, or still arriving
+    at `deadline` (a `time.monotonic()` time)."""
     request = urllib.request.Request(url, headers={"User-Agent": "llama-vision-helpers"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -78,10 +80,12 @@ def _download(url: str, timeout: float, max_bytes: int) -> bytes:
                 raise ImageLoadError(f"The image at {url} is {int(announced):,} bytes, over the limit of "
                                      f"{max_bytes:,}.")
             body = bytearray()
-            while chunk := response.read(_CHUNK):
+            while chunk := response.read1(_CHUNK):  # what has arrived, so the deadline is checked as it comes
                 body += chunk
                 if len(body) > max_bytes:
                     raise ImageLoadError(f"The image at {url} is over the limit of {max_bytes:,} bytes.")
+                if time.monotonic() > deadline:
+                    raise ImageLoadError(f"Could not download the image at {url} within {timeout:g} s.")
     except http.client.IncompleteRead as err:
         raise ImageLoadError(f"The download of {url} was cut short ({len(err.partial):,} bytes arrived, "
                              "fewer than announced): try again.") from err
@@ -96,14 +100,15 @@ def _download(url: str, timeout: float, max_bytes: int) -> bytes:
 def _read_url(url: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
     """Download `url` within `timeout` seconds in all (a slow server cannot stretch it read by read)."""
     outcome: dict[str, object] = {}
+    deadline = time.monotonic() + timeout
 
     def work() -> None:
         try:
-            outcome["body"] = _download(url, timeout, max_bytes)
+            outcome["body"] = _download(url, timeout, max_bytes, deadline)
         except BaseException as err:  # handed to the caller below
             outcome["error"] = err
 
-    worker = threading.Thread(target=work, daemon=True)  # left to its own read timeout if the deadline passes
+    worker = threading.Thread(target=work, daemon=True)  # past the deadline it stops at its next read
     worker.start()
     worker.join(timeout)
     if worker.is_alive():

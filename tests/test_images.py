@@ -95,6 +95,7 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
     """A local web server with the ways a download goes wrong; it listens on 127.0.0.1 only."""
 
     body = b""
+    client_left_slow_download = threading.Event()
 
     def do_GET(self):
         if self.path == "/ok.png":
@@ -114,6 +115,7 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(self.body[start: start + 1])
                     self.wfile.flush()
                 except OSError:
+                    type(self).client_left_slow_download.set()
                     return
                 time.sleep(0.5)
 
@@ -134,6 +136,7 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def web():
     ImageServer.body = encode(Image.effect_noise((120, 120), 60).convert("RGB"))
+    ImageServer.client_left_slow_download.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageServer)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -167,6 +170,8 @@ def test_a_slow_server_cannot_stretch_the_deadline(web):
     with pytest.raises(ImageLoadError, match="within 1 s"):
         load_image(f"{web}/slow.png", timeout=1)
     assert time.monotonic() - start < 15  # each read is quick: a per-read timeout would wait the full 30 s
+    # and the download itself stops (it does not go on reading in the background for the remaining 29 s)
+    assert ImageServer.client_left_slow_download.wait(5)
 
 
 @pytest.mark.parametrize("name", ["big.png", "big-unannounced.png"])
