@@ -7,12 +7,14 @@ import argparse
 import json
 import sys
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 from .defaults import BACKENDS, DEFAULT_SETTINGS
 
 EXIT_BAD_INPUT = 2
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 
 class CliError(Exception):
@@ -376,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.handler(args)
     except ModelLoadError as err:
@@ -387,6 +390,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The package's own advice as one line, like the command's errors; anyone else's as Python shows it."""
+    if issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+        print(f"llama-vision: note: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # every control character but tab and newline
 
 
-def run_cli(*args, stdin=None):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(*args, stdin=None, warnings="ignore"):
+    env = {**os.environ, "PYTHONWARNINGS": warnings}
     return subprocess.run(
         [sys.executable, "-m", "llama_vision_helpers.cli", *args],
         capture_output=True, text=True, input=stdin, env=env, timeout=300,
@@ -27,9 +27,12 @@ def image_file(tmp_path, photo):
 
 def test_describe_streams_and_exits_0(vlm, image_file):
     result = run_cli("describe", str(image_file), "What is it?", "--model", "tiny-random",
-                     "--max-new-tokens", "8", "--seed", "0")
+                     "--max-new-tokens", "8", "--seed", "0", warnings="default")
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n") and len(result.stdout) > 1
+    # the package's own advice is one line, without Python's file, line and source of the call
+    assert "llama-vision: note: tiny-random is a tiny model" in result.stderr
+    assert "UserWarning" not in result.stderr
 
 
 def test_describe_missing_file_exits_2_without_traceback(tmp_path):
