@@ -402,7 +402,8 @@ class FastDecoder:
         rows = [logits[0]]
         prompt_length = inputs["input_ids"].shape[1]
         for step, token in enumerate(tokens[:-1]):
-            rows.append(self._decode(state, torch.tensor([token], device=self.device), prompt_length + step)[0])
+            # a copy: for a float32 model the step's logits are the state's own buffer, which the next step rewrites
+            rows.append(self._decode(state, torch.tensor([token], device=self.device), prompt_length + step)[0].clone())
         return torch.stack(rows)
 
 

@@ -26,6 +26,15 @@ def test_greedy_matches_generate_token_for_token(vlm, decoder, photo):
     assert torch.equal(decoder.generate(inputs, max_new_tokens=48, do_sample=False), expected)
 
 
+def test_the_fast_loop_s_logits_are_generate_s_for_the_same_tokens(vlm, photo):
+    """What `llama-vision bench` reports as "logits vs generate", here on the float32 tiny model."""
+    from llama_vision_helpers.bench import compare_fast_logits
+
+    assert vlm.model.dtype == torch.float32  # the step's logits are then the state's own buffer, not a copy
+    difference, agreement = compare_fast_logits(vlm, image_inputs(vlm, photo), steps=8)
+    assert difference < 1e-4 and agreement == 1.0
+
+
 def test_rows_sharing_one_image_each_follow_generate(vlm, decoder, photo):
     # k rows of one prompt keep one copy of the image's keys and values
     inputs = image_inputs(vlm, photo)
