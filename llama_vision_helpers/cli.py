@@ -185,6 +185,8 @@ def room_url(host: str, port: int) -> str:
     """The address to give the room: this machine's LAN address when listening on all interfaces."""
     import socket
 
+    from .wire import url_host
+
     if host in ("0.0.0.0", "::", ""):
         try:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -192,7 +194,7 @@ def room_url(host: str, port: int) -> str:
                 host = probe.getsockname()[0]
         except OSError:
             host = socket.gethostname()
-    return f"http://{host}:{port}/v1"
+    return f"http://{url_host(host)}:{port}/v1"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

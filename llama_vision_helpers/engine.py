@@ -188,8 +188,9 @@ class Request:
     def cancel(self) -> None:
         """Stop as soon as possible (the scheduler checks between tokens); a queued request leaves the line at once."""
         self._cancel.set()
-        if self._on_cancel is not None:
-            self._on_cancel(self)
+        drop = self._on_cancel  # (read once: the scheduler's thread may clear it meanwhile)
+        if drop is not None:
+            drop(self)
 
     @property
     def cancelled(self) -> bool:
@@ -335,8 +336,14 @@ class RequestQueue:
             self._tell_places()
 
     def _tell_places(self) -> None:
-        for place, waiting in enumerate([w for w in self._waiting if not w.cancelled], start=1):
+        place = 0
+        for waiting in list(self._waiting):
+            if waiting.cancelled or waiting not in self._waiting:
+                continue
+            place += 1
             waiting.set_position(place)
+            if waiting not in self._waiting:  # its listener failed on the news, which cancels it: the next moves up
+                place -= 1
 
     def _finished(self, request: Request) -> None:
         with self._lock:
@@ -347,7 +354,8 @@ class RequestQueue:
     def close(self, reason: str = "the engine shut down") -> None:
         """Accept nothing more; the waiting requests fail with `reason`."""
         with self._lock:
-            self.closed, self.closed_reason = True, reason
+            if not self.closed:  # the first reason stays (an error, then the shutdown)
+                self.closed, self.closed_reason = True, reason
             while self._waiting:
                 request = self._waiting.popleft()
                 request._on_cancel = None

@@ -10,6 +10,7 @@ image pixels and prompt length. FastAPI and uvicorn are imported only here (the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -27,7 +28,7 @@ from .engine import Delta, Done, Engine, EngineBusy, EngineClosed, Failed, Promp
 from .defaults import DEFAULT_SETTINGS
 from .generation import ChatError, SettingsError, check_conversation
 from .wire import (API_KEY_ENV, DEFAULT_PORT, LOOPBACK_HOSTS, Limits, WireError, decode_image_url, error_body,
-                   from_openai_messages)
+                   from_openai_messages, url_host)
 
 MAX_STOP = 4
 DISCONNECT_POLL_S = 0.5
@@ -67,7 +68,7 @@ class ChatCompletionRequest(BaseModel):
         temperature = DEFAULT_SETTINGS["temperature"] if self.temperature is None else self.temperature
         if self.n > 1 and temperature == 0:
             raise WireError(f"n is {self.n} with temperature 0: greedy decoding gives the same answer every time. "
-                            "Ask for n=1, or sample with a temperature above 0.", param="n")
+                            "Ask for n=1, or sample with a temperature above 0.", param="n", code="invalid_value")
         max_new_tokens = self.max_completion_tokens or self.max_tokens or DEFAULT_SETTINGS["max_new_tokens"]
         return Sampling(
             max_new_tokens=max_new_tokens,
@@ -104,7 +105,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
 
     # The key is checked as a dependency of the /v1 routes, not in an HTTP middleware: with one of those in the way,
     # a handler can no longer tell that its client has hung up, and a request left behind would run to its end.
-    def check_api_key(request: Request) -> None:
+    async def check_api_key(request: Request) -> None:
         if api_key:
             given = request.headers.get("authorization", "")
             scheme, _, token = given.partition(" ")
@@ -299,19 +300,20 @@ async def _engine_events(request: Request, events: asyncio.Queue, prepared) -> A
 async def _complete(request: Request, prepared, events: asyncio.Queue, completion: _Completion):
     remaining = len(completion.texts)
     try:
-        async for event in _engine_events(request, events, prepared):
-            if isinstance(event, Delta):
-                completion.texts[event.index] += event.text
-            elif isinstance(event, Done):
-                completion.record(event)
-                remaining -= 1
-                if not remaining:
-                    break
-            elif isinstance(event, Failed):
-                if isinstance(event.error, SettingsError):  # the request's own settings, found when it ran
-                    return _error(400, str(event.error), code="invalid_value")
-                return _error(500, f"Generation failed: {type(event.error).__name__}: {event.error}",
-                              type="server_error")
+        async with contextlib.aclosing(_engine_events(request, events, prepared)) as engine_events:
+            async for event in engine_events:
+                if isinstance(event, Delta):
+                    completion.texts[event.index] += event.text
+                elif isinstance(event, Done):
+                    completion.record(event)
+                    remaining -= 1
+                    if not remaining:
+                        break
+                elif isinstance(event, Failed):
+                    if isinstance(event.error, SettingsError):  # the request's own settings, found when it ran
+                        return _error(400, str(event.error), code="invalid_value")
+                    return _error(500, f"Generation failed: {type(event.error).__name__}: {event.error}",
+                                  type="server_error")
     finally:
         prepared.cancel()  # a no-op when finished; frees the engine when the client went away
     return JSONResponse(completion.response())
@@ -323,21 +325,23 @@ async def _stream(request: Request, prepared, events: asyncio.Queue, completion:
     try:
         yield completion.chunk([completion.delta(i, {"role": "assistant", "content": ""})
                                 for i in range(remaining)])
-        async for event in _engine_events(request, events, prepared):
-            if isinstance(event, Queued):
-                yield f": queued, place {event.position}\n\n"  # an SSE comment: clients skip it
-            elif isinstance(event, Delta):
-                yield completion.chunk([completion.delta(event.index, {"content": event.text})])
-            elif isinstance(event, Done):
-                completion.record(event)
-                remaining -= 1
-                yield completion.chunk([completion.delta(event.index, {}, completion.finish[event.index])])
-                if not remaining:
+        async with contextlib.aclosing(_engine_events(request, events, prepared)) as engine_events:
+            async for event in engine_events:
+                if isinstance(event, Queued):
+                    yield f": queued, place {event.position}\n\n"  # an SSE comment: clients skip it
+                elif isinstance(event, Delta):
+                    yield completion.chunk([completion.delta(event.index, {"content": event.text})])
+                elif isinstance(event, Done):
+                    completion.record(event)
+                    remaining -= 1
+                    yield completion.chunk([completion.delta(event.index, {}, completion.finish[event.index])])
+                    if not remaining:
+                        break
+                elif isinstance(event, Failed):
+                    body = error_body(f"Generation failed: {type(event.error).__name__}: {event.error}",
+                                      "server_error")
+                    yield f"data: {json.dumps(body)}\n\n"
                     break
-            elif isinstance(event, Failed):
-                body = error_body(f"Generation failed: {type(event.error).__name__}: {event.error}", "server_error")
-                yield f"data: {json.dumps(body)}\n\n"
-                break
         if include_usage:
             yield completion.chunk([], usage=completion.usage())
         yield "data: [DONE]\n\n"
@@ -351,8 +355,9 @@ def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, 
     """Run the API with uvicorn until interrupted; `with_app` also serves the chat app at /app (same engine)."""
     import uvicorn
 
+    local_only = host in LOOPBACK_HOSTS
     app = create_app(engine, api_key=api_key, allow_image_urls=allow_image_urls, limits=limits,
-                     trusted_hosts=list(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else None)
+                     trusted_hosts=[url_host(name) for name in LOOPBACK_HOSTS] if local_only else None)
     if with_app:
         from .app import mount
 

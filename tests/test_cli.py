@@ -35,6 +35,12 @@ def test_describe_streams_and_exits_0(vlm, image_file):
     assert "UserWarning" not in result.stderr
 
 
+def test_the_room_address_of_an_ipv6_host_is_a_valid_url():
+    from llama_vision_helpers.cli import room_url
+
+    assert room_url("::1", 8000) == "http://[::1]:8000/v1" and room_url("127.0.0.1", 80) == "http://127.0.0.1:80/v1"
+
+
 def test_describe_missing_file_exits_2_without_traceback(tmp_path):
     result = run_cli("describe", str(tmp_path / "missing.jpg"), "--model", "tiny-random")
     assert result.returncode == 2

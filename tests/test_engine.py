@@ -41,7 +41,7 @@ def test_waiting_requests_learn_their_place_and_a_cancelled_one_is_dropped(gated
     first, second, third = (engine.submit([user_message(QUESTION, True)], photo, GREEDY) for _ in range(3))
     assert (first.position, second.position, third.position) == (1, 2, 3) and engine.waiting() == 3
     second.cancel()
-    # it leaves the line at once (the engine has not started yet): ended, not counted, the one behind moves up
+    # it leaves the line at once (the engine has not started yet): ended, counted, and the one behind moves up
     assert second.done and engine.waiting() == 2 and third.position == 2
     assert engine.stats()["cancelled"] == 1
     engine.gate.set()
@@ -108,13 +108,34 @@ def test_a_prompt_longer_than_the_context_is_refused(engine, photo):
     assert f"at most {error.limit - error.prompt_tokens}." in str(error)
 
 
-def test_a_seed_out_of_range_is_refused_before_it_is_queued(engine):
+def test_a_seed_out_of_range_is_refused_before_anything_runs(vlm, photo):
     from llama_vision_helpers.generation import SettingsError
 
     for seed in (-1, 2**32, 2**64):
         with pytest.raises(SettingsError, match="seed must be between 0 and"):
-            Sampling(seed=seed)
+            Sampling(seed=seed)  # the engine's requests
+        with pytest.raises(SettingsError, match="seed must be between 0 and"):
+            describe_image(vlm, photo, seed=seed, max_new_tokens=2, stream=False)  # the library
     Sampling(seed=2**32 - 1)
+
+
+def test_a_listener_that_fails_on_its_place_leaves_the_others_places_right(vlm):
+    from llama_vision_helpers.engine import RequestQueue
+
+    def listener(fails):
+        def on_event(event):
+            if fails and isinstance(event, Queued) and event.position < 3:
+                raise RuntimeError("the client's loop is closed")
+        return on_event
+
+    line = RequestQueue()
+    requests = [Request({"input_ids": torch.ones(1, 2)}, GREEDY, vlm.processor.tokenizer, on_event=listener(name == "x"))
+                for name in ("a", "b", "x", "c")]
+    for request in requests:
+        line.put(request)
+    with pytest.warns(UserWarning, match="listener failed"):
+        assert line.take_nowait() is requests[0]  # b moves to 1, x to 2 (its listener fails: it is cancelled)
+    assert requests[2].done and [requests[1].position, requests[3].position] == [1, 2]
 
 
 def test_if_the_scheduler_breaks_every_request_ends_and_nothing_more_is_taken(vlm, photo, monkeypatch):
@@ -146,6 +167,8 @@ def test_if_the_scheduler_breaks_every_request_ends_and_nothing_more_is_taken(vl
     assert not engine.healthy and engine.stats()["failed"] == 2
     with pytest.raises(EngineClosed, match="out of memory"):
         engine.submit([user_message(QUESTION, True)], photo, GREEDY)
+    engine.close()  # the server's shutdown, later: the reason stays the error
+    assert "out of memory" in engine.queue.closed_reason
 
 
 @pytest.mark.parametrize("stops", [("world", "hello"), ("hello", "world")])
