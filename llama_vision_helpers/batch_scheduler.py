@@ -43,10 +43,11 @@ class BatchScheduler:
         """Tokens a slot holds, prompt and answer together (the engine refuses longer requests up front)."""
         return self.slot_length
 
-    @property
-    def max_samples(self) -> int | None:
-        """Answers one request may ask for: the slots (None until the decoder knows how many fit)."""
-        return None if self.decoder is None else self.decoder.max_batch
+    def check_samples(self, num_samples: int) -> None:
+        """Raise `TooManySamples` for more answers than there are slots (once the decoder knows how many fit)."""
+        if self.decoder is not None and num_samples > self.decoder.max_batch:
+            raise TooManySamples(f"{num_samples} answers asked for, but this server decodes {self.decoder.max_batch} "
+                                 "at a time: ask for fewer")
 
     def run(self, engine: Engine) -> None:
         model = engine.vlm.model
@@ -68,10 +69,13 @@ class BatchScheduler:
                     held = engine.queue.take_nowait()
                 if held is None:
                     break
-                if held.sampling.num_samples > self.decoder.max_batch:
-                    held.fail(TooManySamples(f"{held.sampling.num_samples} answers asked for, but this server "
-                                             f"decodes {self.decoder.max_batch} at a time: ask for fewer"))
-                elif held.sampling.num_samples <= free and (held.sampling.num_samples <= room or not joining):
+                try:
+                    self.check_samples(held.sampling.num_samples)
+                except TooManySamples as err:
+                    held.fail(err)
+                    held = None
+                    continue
+                if held.sampling.num_samples <= free and (held.sampling.num_samples <= room or not joining):
                     # (a request with more answers than a prefill's worth joins alone)
                     free -= held.sampling.num_samples
                     room -= held.sampling.num_samples

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
 from .defaults import DEFAULT_SETTINGS
-from .generation import (PromptTooLong, SettingsError, check_fits_context, check_sampling, context_length,
-                         inputs_to_device, prepare_inputs)
+from .generation import (PromptTooLong, check_fits_context, check_sampling, context_length, inputs_to_device,
+                         prepare_inputs)
 from .model import VisionModel
 
 # --- what a request carries -----------------------------------------------------------------------------
@@ -351,6 +351,13 @@ class RequestQueue:
             outcome = "failed" if request.error else "cancelled" if request.cancelled else "completed"
             self.counts[outcome] += 1
 
+    def fail_running(self, error: BaseException) -> None:
+        """End every running request with `error` (their scheduler is gone)."""
+        with self._lock:
+            running = list(self.running)
+        for request in running:  # (each takes the lock again to count itself)
+            request.fail(error)
+
     def close(self, reason: str = "the engine shut down") -> None:
         """Accept nothing more; the waiting requests fail with `reason`."""
         with self._lock:
@@ -480,10 +487,7 @@ class Engine:
             self.failure = err
             reason = f"the engine stopped on an error ({type(err).__name__}: {err})"
             self.queue.close(reason)
-            with self.queue._lock:
-                running = list(self.queue.running)
-            for request in running:
-                request.fail(EngineClosed(reason))
+            self.queue.fail_running(EngineClosed(reason))
             raise
 
     def prepare(self, messages: list[dict], image: Any, sampling: Sampling, *,
@@ -500,10 +504,9 @@ class Engine:
             sampling = dataclasses.replace(sampling, max_new_tokens=room,
                                            min_new_tokens=min(sampling.min_new_tokens, room))
         check_fits_context(self.vlm, prompt_tokens, sampling.max_new_tokens, limit=self.context_length)
-        most = getattr(self.scheduler, "max_samples", None)
-        if most is not None and sampling.num_samples > most:
-            raise SettingsError(f"{sampling.num_samples} answers asked for, but this engine decodes {most} at a "
-                                "time: ask for fewer.")
+        check_samples = getattr(self.scheduler, "check_samples", None)  # a scheduler with a fixed number of slots
+        if check_samples is not None:
+            check_samples(sampling.num_samples)
         tokenizer = getattr(self.vlm.processor, "tokenizer", self.vlm.processor)
         return Request(inputs, sampling, tokenizer, on_event=on_event)
 

@@ -85,7 +85,7 @@ def _download(url: str, timeout: float, max_bytes: int, deadline: float = float(
                 if len(body) > max_bytes:
                     raise ImageLoadError(f"The image at {url} is over the limit of {max_bytes:,} bytes.")
                 if time.monotonic() > deadline:
-                    raise ImageLoadError(f"Could not download the image at {url} within {timeout:g} s.")
+                    raise _too_slow(url, timeout)
     except http.client.IncompleteRead as err:
         raise ImageLoadError(f"The download of {url} was cut short ({len(err.partial):,} bytes arrived, "
                              "fewer than announced): try again.") from err
@@ -95,6 +95,10 @@ def _download(url: str, timeout: float, max_bytes: int, deadline: float = float(
         raise ImageLoadError(f"The download of {url} was cut short ({len(body):,} of {int(announced):,} bytes): "
                              "try again.")
     return bytes(body)
+
+
+def _too_slow(url: str, timeout: float) -> ImageLoadError:
+    return ImageLoadError(f"Could not download the image at {url} within {timeout:g} s.")
 
 
 def _read_url(url: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes:
@@ -112,7 +116,7 @@ def _read_url(url: str, timeout: float, max_bytes: int = MAX_URL_BYTES) -> bytes
     worker.start()
     worker.join(timeout)
     if worker.is_alive():
-        raise ImageLoadError(f"Could not download the image at {url} within {timeout:g} s.")
+        raise _too_slow(url, timeout)
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["body"]  # type: ignore[return-value]

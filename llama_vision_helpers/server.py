@@ -163,18 +163,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, allow_image_urls: 
 
             prepared = await anyio.to_thread.run_sync(decode_and_prepare, limiter=preparing)
             engine.queue.put(prepared)
-        except WireError as err:
-            return JSONResponse(err.body(), status_code=err.status)
-        except PromptTooLong as err:
-            return _error(400, _too_long(err), param="messages", code="context_length_exceeded")
-        except ChatError as err:
-            return _error(400, str(err), param="messages", code="invalid_conversation")
-        except SettingsError as err:  # sampling settings the library refuses, with what to do
-            return _error(400, str(err), code="invalid_value")
-        except EngineBusy as err:
-            return _error(429, str(err), type="server_error", code="queue_full")
-        except EngineClosed as err:
-            return _error(503, str(err), type="server_error", code="shutting_down")
+        except (ChatError, SettingsError, EngineBusy, EngineClosed) as err:  # (a WireError goes to its handler)
+            return _refusal(err)
         completion = _Completion(served_name, prepared.prompt_tokens, params.n)
         if params.stream:
             include_usage = bool((params.stream_options or {}).get("include_usage"))
@@ -192,6 +182,19 @@ def _check_json(request: Request) -> None:
     if media_type != JSON_TYPE:
         raise WireError(f"The body must be JSON, sent with `Content-Type: {JSON_TYPE}` (got "
                         f"{media_type or 'no Content-Type'}).", status=415, code="unsupported_media_type")
+
+
+def _refusal(err: ChatError | SettingsError | EngineBusy | EngineClosed) -> JSONResponse:
+    """The response to a request the library or the engine refuses, with what to do."""
+    if isinstance(err, PromptTooLong):
+        return _error(400, _too_long(err), param="messages", code="context_length_exceeded")
+    if isinstance(err, ChatError):
+        return _error(400, str(err), param="messages", code="invalid_conversation")
+    if isinstance(err, SettingsError):  # sampling settings out of range
+        return _error(400, str(err), code="invalid_value")
+    if isinstance(err, EngineBusy):
+        return _error(429, str(err), type="server_error", code="queue_full")
+    return _error(503, str(err), type="server_error", code="shutting_down")
 
 
 def _too_long(err: PromptTooLong) -> str:
@@ -311,7 +314,7 @@ async def _complete(request: Request, prepared, events: asyncio.Queue, completio
                         break
                 elif isinstance(event, Failed):
                     if isinstance(event.error, SettingsError):  # the request's own settings, found when it ran
-                        return _error(400, str(event.error), code="invalid_value")
+                        return _refusal(event.error)
                     return _error(500, f"Generation failed: {type(event.error).__name__}: {event.error}",
                                   type="server_error")
     finally:

@@ -22,14 +22,14 @@ DEFAULT_PORT = 8000
 # A server bound to one of these is for this machine alone; these are also the only names it answers to, so that a
 # web page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) can neither use it nor read its answers.
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "LLAMA_VISION_API_KEY"  # the server's key, and what a client sends
+MAX_BODY_MB = 20
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def url_host(host: str) -> str:
     """A host as it is written in a URL and in a Host header: an IPv6 address in brackets."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
-API_KEY_ENV = "LLAMA_VISION_API_KEY"  # the server's key, and what a client sends
-MAX_BODY_MB = 20
-MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)

@@ -257,6 +257,31 @@ def test_health_says_when_the_engine_has_stopped(vlm):
         engine.close()
 
 
+def test_too_many_answers_found_only_when_the_request_runs_are_still_a_400(vlm):
+    """Before the batched engine knows its slots, n above them is refused by the scheduler: still the client's fault."""
+    from llama_vision_helpers.batch_scheduler import BatchScheduler
+    from llama_vision_helpers.engine import Engine
+
+    gate = threading.Event()
+
+    class Gated(BatchScheduler):
+        def run(self, engine):
+            gate.wait(30)
+            super().run(engine)
+
+    engine = Engine(vlm, Gated(max_batch=1))
+    try:
+        with served(engine) as url:
+            threading.Timer(1.0, gate.set).start()  # the request is queued by then
+            response = httpx.post(url + "/chat/completions", timeout=60, json={
+                "model": "tiny-random", "messages": ask(), "n": 2, "temperature": 1.0, "max_tokens": 2})
+    finally:
+        gate.set()
+        engine.close()
+    assert response.status_code == 400 and "ask for fewer" in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == "invalid_value"
+
+
 class FailsTheFirst:
     """A scheduler whose first request fails as it runs; the others run as usual."""
 
